@@ -1,0 +1,312 @@
+"""Tests for hiar.py: known answers (causality, equivalence of fast paths and references,
+determinism, pass counts, physics), on the tiny `smoke` preset."""
+import math
+
+import pytest
+import torch
+
+import hiar
+
+SAMPLERS = [hiar.sample_block_major, hiar.sample_step_major]
+
+
+def random_model(cfg, seed=0):
+    """A model with every weight random: the real init zeroes the output layers, which would make
+    many of these tests pass for the wrong reason (a constant output)."""
+    torch.manual_seed(seed)
+    model = hiar.VideoDiT(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.15)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return hiar.Config.preset("smoke")
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    return random_model(cfg)
+
+
+def bank(cfg, frames, batch=2, seed=1, K=None):
+    return hiar.noise_bank(cfg, batch, frames, torch.Generator().manual_seed(seed), K=K)
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value,words", [
+    ("frames", 7, "multiple of block"),
+    ("patch", 3, "must divide size"),
+    ("window", 3, "multiple of block"),
+    ("window", -2, "multiple of block"),
+    ("K", 0, "integer >= 1"),
+    ("frames", 0, "integer >= 1"),
+    ("context_t", "t_j", "must be one of"),
+    ("fkl_mode", "both", "bidirectional"),
+    ("heads", 3, "even head size"),
+    ("shift", 0.0, "> 0"),
+    ("ode_shift", -1.0, "> 0"),
+    ("fkl_weight", -0.1, ">= 0"),
+    ("ema", 1.0, "[0, 1)"),
+    ("speed", (0.5, 0.1), "low <= high"),
+    ("blob_sigma", (0.0, 1.0), "low <= high"),
+    ("blob_sigma", (1.0, 5.0), "size/2"),
+])
+def test_config_validation_names_field_value_and_rule(field, value, words):
+    with pytest.raises(ValueError) as e:
+        hiar.Config.preset("smoke", **{field: value})
+    msg = str(e.value)
+    assert f"Config.{field}={value!r}" in msg and words in msg
+
+
+def test_config_presets_roundtrip_and_unknowns():
+    cfg = hiar.Config.preset("toy")
+    assert hiar.Config.from_dict(cfg.to_dict()) == cfg
+    assert cfg.window_frames == cfg.frames and cfg.tokens_per_frame == 16
+    with pytest.raises(ValueError, match="preset='huge' is unknown"):
+        hiar.Config.preset("huge")
+    with pytest.raises(ValueError, match="unknown Config fields"):
+        hiar.Config.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+# ------------------------------------------------------------------------------------------------
+# Toy data
+# ------------------------------------------------------------------------------------------------
+
+def test_moving_shapes_shapes_range_palette_determinism(cfg):
+    toy = hiar.Config.preset("toy")
+    v, st = hiar.moving_shapes(toy, 5, torch.Generator().manual_seed(3), frames=20)
+    assert v.shape == (5, 20, 3, 16, 16) and v.dtype == torch.float32
+    assert v.min() >= -1 and v.max() <= 1 and (v < -0.9).float().mean() > 0.5   # mostly black
+    assert st["pos"].shape == st["vel"].shape == (5, 20, toy.shapes, 2)
+    # colours come from the palette, distinct within a video
+    assert torch.equal(st["colour"], hiar.PALETTE[st["colour_id"]])
+    assert all(len(set(row.tolist())) == toy.shapes for row in st["colour_id"])
+    v2, _ = hiar.moving_shapes(toy, 5, torch.Generator().manual_seed(3), frames=20)
+    assert torch.equal(v, v2)
+    with pytest.raises(ValueError, match="frames=0"):
+        hiar.moving_shapes(toy, 1, frames=0)
+
+
+def test_moving_shapes_physics():
+    toy = hiar.Config.preset("toy", speed=(0.8, 0.9))
+    _, st = hiar.moving_shapes(toy, 64, torch.Generator().manual_seed(0), frames=60)
+    pos, vel, r = st["pos"], st["vel"], st["radius"][:, None, :, None]
+    lo, hi = r, toy.size - 1 - r
+    assert ((pos >= lo - 1e-5) & (pos <= hi + 1e-5)).all()                  # inside the walls
+    speed = vel.norm(dim=-1)
+    assert torch.allclose(speed, speed[:, :1].expand_as(speed))              # constant speed
+    step = pos[:, 1:] - pos[:, :-1]
+    free = (vel[:, 1:] == vel[:, :-1])                                        # no bounce between
+    assert free.float().mean() > 0.8
+    assert torch.allclose(step[free], vel[:, :-1][free], atol=1e-4)           # p advances by v
+    flips = (vel[:, 1:] == -vel[:, :-1]) & ~free                              # a bounce flips v
+    assert flips.any() and (flips | free).all()
+    near = (pos[:, 1:][flips] - lo.expand_as(pos)[:, 1:][flips]).abs().minimum(
+        (pos[:, 1:][flips] - hi.expand_as(pos)[:, 1:][flips]).abs())
+    assert (near <= 0.9 + 1e-4).all()                                         # bounces at a wall
+
+
+def test_moving_shapes_blob_is_where_the_state_says():
+    toy = hiar.Config.preset("toy", shapes=1)
+    v, st = hiar.moving_shapes(toy, 8, torch.Generator().manual_seed(0), frames=5)
+    img = (v + 1).sum(2)                                                      # (B, T, H, W)
+    ys, xs = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    w = img / img.sum((-1, -2), keepdim=True)
+    centre = torch.stack([(w * xs).sum((-1, -2)), (w * ys).sum((-1, -2))], -1)
+    assert torch.allclose(centre, st["pos"][:, :, 0], atol=0.35)
+
+
+def test_moving_shapes_is_fast():
+    toy = hiar.Config.preset("toy")
+    import time
+    t = time.perf_counter()
+    hiar.moving_shapes(toy, 32)
+    assert time.perf_counter() - t < 1.0     # generous: milliseconds in practice
+
+
+# ------------------------------------------------------------------------------------------------
+# Schedule
+# ------------------------------------------------------------------------------------------------
+
+def test_student_sigmas_match_paper():
+    s = hiar.student_sigmas(4, 5.0)
+    assert s == pytest.approx([1.0, 0.9375, 0.8333333, 0.625, 0.0], abs=1e-6)
+
+
+def test_flow_conversions_roundtrip():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
+    for sigma in (0.0, 0.3, 1.0):
+        x_t = hiar.add_noise(x0, eps, sigma)
+        assert torch.allclose(hiar.x0_from_v(x_t, eps - x0, sigma), x0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model: causality, KV cache, rolling window
+# ------------------------------------------------------------------------------------------------
+
+def test_masked_forward_is_block_causal_and_teacher_is_not(cfg, model):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.frames, 3, cfg.size, cfg.size, generator=g)
+    sigma = torch.rand(2, cfg.frames, generator=g)
+    y = x.clone()
+    y[:, -cfg.block:] += 1.0                                                 # change the last block
+    b = cfg.frames - cfg.block
+    with torch.no_grad():
+        assert torch.equal(model(x, sigma)[:, :b], model(y, sigma)[:, :b])
+        assert not torch.allclose(model(x, sigma)[:, b:], model(y, sigma)[:, b:])
+        full_x, full_y = model(x, sigma, causal=False), model(y, sigma, causal=False)
+    assert not torch.allclose(full_x[:, :b], full_y[:, :b])                  # teacher sees ahead
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_cached_generation_is_causal(cfg, model, sampler):
+    noise = bank(cfg, 4 * cfg.block)
+    changed = noise.clone()
+    changed[:, 2] += 1.0                                                     # perturb block 2
+    with torch.no_grad():
+        a, b = sampler(model, noise), sampler(model, changed)
+    cut = 2 * cfg.block
+    assert torch.equal(a[:, :cut], b[:, :cut]) and not torch.allclose(a[:, cut:], b[:, cut:])
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("frames_x", [1, 4])          # inside the window, and 4× past it
+def test_kv_cache_equals_full_recompute(cfg, model, sampler, frames_x):
+    noise = bank(cfg, frames_x * cfg.frames)
+    with torch.no_grad():
+        fast = sampler(model, noise)
+        slow = sampler(model, noise, use_cache=False)
+    assert fast.shape == (2, frames_x * cfg.frames, 3, cfg.size, cfg.size)
+    assert torch.allclose(fast, slow, atol=1e-5)
+
+
+def test_k1_both_orders_give_the_same_video(cfg, model):
+    noise = bank(cfg, 2 * cfg.frames, K=1)
+    with torch.no_grad():
+        assert torch.equal(hiar.sample_block_major(model, noise),
+                           hiar.sample_step_major(model, noise))
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_same_seed_bitwise_same_video(cfg, model, sampler):
+    with torch.no_grad():
+        a = sampler(model, bank(cfg, cfg.frames, seed=5))
+        b = sampler(model, bank(cfg, cfg.frames, seed=5))
+        c = sampler(model, bank(cfg, cfg.frames, seed=6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_orders_differ_for_k_above_1(cfg, model):
+    noise = bank(cfg, cfg.frames)
+    with torch.no_grad():
+        assert not torch.allclose(hiar.sample_block_major(model, noise),
+                                  hiar.sample_step_major(model, noise))
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_rolling_window_bounds_the_cache(cfg, model, sampler, monkeypatch):
+    held, orig = [], hiar.KVCache.append
+
+    def spy(self, layer, k, v, frame):
+        orig(self, layer, k, v, frame)
+        held.append(self.k[layer].shape[-2] // cfg.tokens_per_frame)
+    monkeypatch.setattr(hiar.KVCache, "append", spy)
+    long = 4 * cfg.frames
+    noise = bank(cfg, long)
+    with torch.no_grad():
+        video = sampler(model, noise)
+        windowed, held[:] = list(held), []
+        unbounded = sampler(model, noise, window=long)
+    assert video.shape[1] == long and torch.isfinite(video).all()
+    assert max(windowed) == cfg.window_frames - cfg.block                   # never more
+    assert max(held) == long - cfg.block                                     # (the spy works)
+    w = cfg.window_frames
+    assert torch.equal(video[:, :w], unbounded[:, :w])                      # first window: same
+    assert not torch.allclose(video[:, w:], unbounded[:, w:])               # then it rolls
+
+
+def test_first_window_equals_generating_the_training_length(cfg, model):
+    with torch.no_grad():
+        long = hiar.sample_step_major(model, bank(cfg, 4 * cfg.frames))
+        short = hiar.sample_step_major(model, bank(cfg, 4 * cfg.frames)[:, :cfg.frames // cfg.block])
+    assert torch.equal(long[:, :cfg.frames], short)
+
+
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_forward_passes_per_block(cfg, model, K):
+    N = 5
+    noise = bank(cfg, N * cfg.block, K=K)
+    with torch.no_grad():
+        model.calls = 0
+        hiar.sample_block_major(model, noise)
+        assert model.calls == N * (K + 1)                 # K denoising passes + 1 clean write
+        model.calls = 0
+        hiar.sample_step_major(model, noise)
+        assert model.calls == N * 2 * K                   # per step: denoise + context write
+        model.calls = 0
+        hiar.sample_step_major(model, noise, fused=True)
+        assert model.calls == K * (N + 1)                 # fused: N + 1 passes a step
+
+
+@pytest.mark.parametrize("context_t", hiar.CONTEXT_LEVELS)
+def test_context_levels_differ_and_next_is_default(cfg, model, context_t):
+    noise = bank(cfg, cfg.frames)
+    with torch.no_grad():
+        out = hiar.sample_step_major(model, noise, context_t=context_t)
+        default = hiar.sample_step_major(model, noise)
+        others = [hiar.sample_step_major(model, noise, context_t=c)
+                  for c in hiar.CONTEXT_LEVELS if c != context_t]
+    assert torch.equal(out, default) == (context_t == "next")
+    assert all(not torch.allclose(out, o) for o in others)
+    # the first block never has context, so it is the same for every context level
+    assert all(torch.equal(out[:, :cfg.block], o[:, :cfg.block]) for o in others)
+
+
+def test_sampler_rejects_bad_arguments(cfg, model):
+    noise = bank(cfg, cfg.frames)
+    with pytest.raises(ValueError, match="context_t='t_j'"):
+        hiar.sample_step_major(model, noise, context_t="t_j")
+    with pytest.raises(ValueError, match="exit_step=9"):
+        hiar.sample_block_major(model, noise, exit_step=9)
+    with pytest.raises(ValueError, match="noise has shape"):
+        hiar.sample_step_major(model, noise[0])
+    with pytest.raises(ValueError, match="frames=5"):
+        hiar.noise_bank(cfg, 1, 5)
+    with pytest.raises(ValueError, match="frame shape"):
+        model(torch.zeros(1, 2, 3, cfg.size + 4, cfg.size + 4), 0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training rollouts: exit step and gradient flow
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_exit_step_gradient_flows_only_through_the_exit_prediction(cfg, sampler):
+    """Self-rollout training (§4): steps before the exit run without gradient, the context is
+    detached, and only the exit step's prediction of each block carries gradient."""
+    model = random_model(cfg).train()
+    noise = bank(cfg, 3 * cfg.block).requires_grad_(True)
+    out = sampler(model, noise, exit_step=1)                 # (B, 3b, …)
+    out[:, cfg.block:2 * cfg.block].sum().backward()         # block 1 only
+    g = noise.grad.abs().sum(dim=(2, 3, 4, 5, 6))            # (K, N)
+    assert g[1, 1] > 0                                        # the exit step's input noise
+    assert g[0].sum() == 0                                    # step 0 ran without gradient
+    assert g[1, 0] == 0 and g[1, 2] == 0                      # no gradient through context
+    assert all(p.grad is not None for p in model.parameters())
+    with torch.no_grad():
+        assert not sampler(model, noise, exit_step=0).requires_grad
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_exit_at_step_0_equals_a_one_step_sampler(cfg, model, sampler):
+    noise = bank(cfg, cfg.frames)
+    with torch.no_grad():
+        early = sampler(model, noise, exit_step=0, context_t="clean")
+        one_step = sampler(model, noise[:1], context_t="clean")
+    assert torch.equal(early, one_step)
