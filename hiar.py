@@ -623,28 +623,35 @@ def run_stage(model: VideoDiT, noise, steps: range, context_t: str, receive, sen
 @torch.no_grad()
 def sample_pipelined(model: VideoDiT, noise, context_t: str = "next", streams: int = 2,
                      window: int | None = None, shift=None, threads_per_stream: int | None = 1):
-    """Step-major sampling as a wavefront on `streams` threads (one stage each). Bitwise equal to
-    `sample_step_major` on the CPU: every forward pass sees the same inputs and the same cache.
-    On the CPU each thread uses `threads_per_stream` intra-op threads (None: leave as is)."""
+    """Step-major sampling as a wavefront on `streams` threads, one stage each. Same signature,
+    noise bank and video as `sample_step_major`: every forward pass sees the same inputs and the
+    same cache, so on the CPU the video is bitwise equal to `sample_step_major` run with the same
+    number of intra-op threads (`threads_per_stream`; None keeps the caller's)."""
     K, N, _ = _check_sampler_args(model, noise, context_t, None)
     groups = step_groups(K, streams)
-    # inbox[s][n]: block n's input to stage s; a stage blocks until the one before has sent it
+    # inbox[s][n]: block n's input to stage s; a stage waits until the stage before has sent it
     inbox = [[None] * N for _ in range(streams + 1)]
     ready = [[threading.Event() for _ in range(N)] for _ in range(streams + 1)]
-    errors = []
-    for n in range(N):
-        inbox[0][n] = noise[0, n]
-        ready[0][n].set()
+    inbox[0] = [noise[0, n] for n in range(N)]
+    for ev in ready[0]:
+        ev.set()
+    errors, caller_threads = [], torch.get_num_threads()
 
     def worker(s):
+        def receive(n):
+            ready[s][n].wait()
+            if errors:
+                raise RuntimeError("an earlier stage failed")
+            return inbox[s][n]
+
+        def send(n, x):
+            inbox[s + 1][n] = x
+            ready[s + 1][n].set()
         try:
-            if threads_per_stream and noise.device.type == "cpu":
+            if threads_per_stream:
                 torch.set_num_threads(threads_per_stream)
             with torch.no_grad():
-                run_stage(model, noise, groups[s], context_t,
-                          receive=lambda n: (ready[s][n].wait(), inbox[s][n])[1],
-                          send=lambda n, x: (inbox[s + 1].__setitem__(n, x), ready[s + 1][n].set()),
-                          window=window, shift=shift)
+                run_stage(model, noise, groups[s], context_t, receive, send, window, shift)
         except BaseException as e:                     # surface a worker's failure to the caller
             errors.append(e)
             for ev in ready[s + 1]:
@@ -655,9 +662,41 @@ def sample_pipelined(model: VideoDiT, noise, context_t: str = "next", streams: i
         t.start()
     for t in pool:
         t.join()
+    torch.set_num_threads(caller_threads)
     if errors:
         raise errors[0]
     return torch.cat(inbox[streams], 1)
+
+
+@torch.no_grad()
+def sample_distributed(model: VideoDiT, noise, context_t: str = "next", window=None, shift=None):
+    """The same wavefront across processes: rank s of S (torch.distributed, started with
+    `torchrun --nproc_per_node=S`) runs stage s and passes each block's latent to rank s + 1 —
+    the path for a model that outgrows one device. Every rank builds the same noise bank; the
+    video is returned on every rank."""
+    import torch.distributed as dist
+    S, s = dist.get_world_size(), dist.get_rank()
+    K, N, _ = _check_sampler_args(model, noise, context_t, None)
+    out = []
+
+    def receive(n):
+        if s == 0:
+            return noise[0, n]
+        x = torch.empty_like(noise[0, n])
+        dist.recv(x, src=s - 1)
+        return x
+
+    def send(n, x):
+        if s + 1 < S:
+            dist.send(x.contiguous(), dst=s + 1)
+        else:
+            out.append(x)
+
+    run_stage(model, noise, step_groups(K, S)[s], context_t, receive, send, window, shift)
+    B, b = noise.shape[2], noise.shape[3]
+    video = torch.cat(out, 1) if out else noise.new_empty((B, N * b) + tuple(noise.shape[4:]))
+    dist.broadcast(video, src=S - 1)
+    return video
 
 
 # ================================================================================================

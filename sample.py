@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import hiar
 
@@ -53,3 +55,265 @@ def save_gif(path, frames: np.ndarray, fps: int = 8):
     import imageio.v2 as imageio
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     imageio.mimsave(path, list(frames), duration=1 / fps, loop=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Drift metrics: toy ground truth instead of the paper's image-quality networks (paper §4.1:
+# split a long video into 5 segments; drift of a measure = slope of a linear fit across them)
+# ------------------------------------------------------------------------------------------------
+
+FG = 0.25     # a pixel is foreground if its brightest channel exceeds this (RGB in [0, 1])
+
+
+def _rgb(video):
+    """(B, T, 3, H, W) in [-1, 1] → (B, T, H, W, 3) in [0, 1]."""
+    return ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 1, 3, 4, 2)
+
+
+def _fg_mean(x, fg):
+    """Mean of x (B, T, H, W) over foreground pixels per frame (0 where a frame has none)."""
+    return (x * fg).sum((-1, -2)) / fg.sum((-1, -2)).clamp(min=1)
+
+
+def palette_error(video):
+    """Per frame: how far foreground pixels sit from the toy's colour rays {t·c : t ∈ [0, 1]}
+    (a blob is a palette colour c scaled by a Gaussian). 0 for the data, up for off-palette."""
+    p = _rgb(video)                                                       # (B, T, H, W, 3)
+    c = hiar.PALETTE.to(p.device)                                         # (P, 3)
+    t = ((p @ c.T) / (c * c).sum(-1)).clamp(0, 1)                         # (B, T, H, W, P)
+    d = (p[..., None, :] - t[..., None] * c).norm(dim=-1).amin(-1)        # (B, T, H, W)
+    return _fg_mean(d, p.amax(-1) > FG)
+
+
+def saturation(video):
+    """Mean HSV saturation (max − min) / max over foreground pixels, per frame."""
+    p = _rgb(video)
+    hi, lo = p.amax(-1), p.amin(-1)
+    return _fg_mean((hi - lo) / hi.clamp(min=1e-6), hi > FG)
+
+
+def brightness(video):
+    """Mean HSV value (brightest channel) over all pixels, per frame."""
+    return _rgb(video).amax(-1).mean((-1, -2))
+
+
+def foreground(video):
+    """Fraction of foreground pixels per frame — the shapes' total area (conserved in the data)."""
+    return (_rgb(video).amax(-1) > FG).float().mean((-1, -2))
+
+
+def sharpness(video):
+    """Variance of the Laplacian of the grey image, per frame (falls as shapes blur)."""
+    g = _rgb(video).mean(-1)                                              # (B, T, H, W)
+    B, T, H, W = g.shape
+    k = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]], device=g.device)[None, None]
+    lap = torch.nn.functional.conv2d(g.reshape(B * T, 1, H, W), k)
+    return lap.reshape(B, T, -1).var(-1)
+
+
+def flicker(video):
+    """|change of mean brightness| from the previous frame (0 for the first frame)."""
+    v = brightness(video)
+    return torch.cat([torch.zeros_like(v[:, :1]), (v[:, 1:] - v[:, :-1]).abs()], 1)
+
+
+def speed(video):
+    """Estimated speed of the shapes (pixels / frame): each foreground pixel is given to its
+    nearest palette colour; per colour the intensity-weighted centroid is tracked between frames.
+    Per frame the mean over colours seen in both frames (0 for the first frame)."""
+    p = _rgb(video)
+    c = hiar.PALETTE.to(p.device)
+    hi = p.amax(-1)
+    cos = (p @ c.T) / (p.norm(dim=-1, keepdim=True) * c.norm(dim=-1) + 1e-6)   # (B,T,H,W,P)
+    w = torch.nn.functional.one_hot(cos.argmax(-1), len(c)) * (hi * (hi > FG))[..., None]
+    H, W = p.shape[2:4]
+    ys, xs = torch.meshgrid(torch.arange(H, device=p.device),
+                            torch.arange(W, device=p.device), indexing="ij")
+    mass = w.sum((2, 3))                                                   # (B, T, P)
+    cx = (w * xs[..., None]).sum((2, 3)) / mass.clamp(min=1e-6)
+    cy = (w * ys[..., None]).sum((2, 3)) / mass.clamp(min=1e-6)
+    seen = mass > 0.5                                                      # a blob's worth
+    both = seen[:, 1:] & seen[:, :-1]
+    step = ((cx[:, 1:] - cx[:, :-1]) ** 2 + (cy[:, 1:] - cy[:, :-1]) ** 2).sqrt()
+    v = (step * both).sum(-1) / both.sum(-1).clamp(min=1)
+    return torch.cat([torch.zeros_like(v[:, :1]), v], 1)
+
+
+MEASURES = {"palette_err": palette_error, "saturation": saturation, "brightness": brightness,
+            "foreground": foreground, "sharpness": sharpness, "speed": speed, "flicker": flicker}
+
+
+def segment_means(per_frame, segments: int = 5):
+    """(B, T) per-frame values → (B, segments) means over equal consecutive segments."""
+    B, T = per_frame.shape
+    if T < segments:
+        raise ValueError(f"frames={T} is too short for {segments} segments")
+    usable = T - T % segments
+    return per_frame[:, :usable].reshape(B, segments, -1).mean(-1)
+
+
+def drift_slope(seg):
+    """Slope of the least-squares line through segment values (B, S) against 0..S−1 → (B,)."""
+    S = seg.shape[-1]
+    x = torch.arange(S, dtype=seg.dtype, device=seg.device) - (S - 1) / 2
+    return ((seg - seg.mean(-1, keepdim=True)) * x).sum(-1) / (x * x).sum()
+
+
+def drift_metrics(video, segments: int = 5) -> dict:
+    """{measure: (level (B,), drift (B,))}: level = mean over the whole video, drift = slope of
+    its segment means per segment (paper's definition)."""
+    out = {}
+    for name, fn in MEASURES.items():
+        v = fn(video)
+        if name in ("speed", "flicker"):       # defined from the second frame on
+            v = v[:, 1:]
+        out[name] = (v.mean(-1), drift_slope(segment_means(v, segments)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+HERE = Path(__file__).resolve().parent
+SAMPLER_NAMES = ("block", "step", "pipelined")
+
+
+class SampleError(RuntimeError):
+    pass
+
+
+def resolve_ckpt(name: str) -> Path:
+    """A path, or the name of a shipped checkpoint (hiar, self_forcing, hiar_no_fkl, …)."""
+    p = Path(name)
+    if p.suffix == ".pt" or p.exists():
+        if not p.is_file():
+            raise SampleError(f"--ckpt {name}: no such file")
+        return p
+    shipped = HERE / "checkpoints" / f"{name}.pt"
+    if not shipped.is_file():
+        have = sorted(q.stem for q in (HERE / "checkpoints").glob("*.pt"))
+        raise SampleError(f"--ckpt {name}: not a file and not a shipped checkpoint {have}")
+    return shipped
+
+
+def load_student(name: str, device) -> tuple[hiar.VideoDiT, dict]:
+    """The sampling weights (EMA where present) and the checkpoint's metadata."""
+    path = resolve_ckpt(name)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = hiar.Config.from_dict(ck["config"])
+        model = hiar.VideoDiT(cfg)
+        model.load_state_dict(ck["ema"] if "ema" in ck else ck["model"])
+    except (KeyError, RuntimeError, ValueError, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SampleError(f"--ckpt {path}: not a usable checkpoint ({first})") from None
+    meta = {k: ck[k] for k in ("stage", "order", "fkl_weight", "context_t", "note") if k in ck}
+    return model.to(device).eval(), meta
+
+
+def run_sampler(model, noise, sampler: str, context_t: str, streams: int = 2):
+    if sampler == "block":
+        return hiar.sample_block_major(model, noise)
+    if sampler == "step":
+        return hiar.sample_step_major(model, noise, context_t=context_t)
+    if sampler == "pipelined":
+        if dist.is_available() and dist.is_initialized():
+            return hiar.sample_distributed(model, noise, context_t=context_t)
+        return hiar.sample_pipelined(model, noise, context_t=context_t, streams=streams)
+    raise SampleError(f"--sampler {sampler!r}: choose from {SAMPLER_NAMES}")
+
+
+def metric_table(videos: dict) -> str:
+    """Markdown table: per video set, each measure's mean level and drift (mean ± std over
+    videos)."""
+    names = list(MEASURES)
+    lines = ["| video | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, v in videos.items():
+        m = drift_metrics(v)
+        cells = []
+        for n in names:
+            level, slope = m[n]
+            cells.append(f"{level.mean():.3f} ({slope.mean():+.4f}±{slope.std():.4f})"
+                         if len(slope) > 1 else f"{level.mean():.3f} ({slope.mean():+.4f})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nEach cell: mean level (drift = slope per segment over 5 segments, ± std over videos)."
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", default="hiar", help="checkpoint path or shipped name "
+                   "(hiar, self_forcing, hiar_no_fkl)")
+    p.add_argument("--sampler", default=None,
+                   help="block, step or pipelined (default: block and step side by side)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames per video (default: the config's sample_frames, 8× training)")
+    p.add_argument("-n", "--num", type=int, default=4,
+                   help="number of videos (under torchrun write -n: it takes --num for its own)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--context-t", default="next", help="step-major context level: "
+                   "current (t_j), next (t_{j+1}) or clean")
+    p.add_argument("--streams", type=int, default=2, help="pipelined: number of streams")
+    p.add_argument("--gif", default="samples/sample.gif", help="GIF to write ('' = none)")
+    p.add_argument("--npy", default=None, help="write the raw uint8 videos (num, T, H, W, 3)")
+    p.add_argument("--pt", default=None, help="write the float videos (num, T, 3, H, W)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: autodetect)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from train_toy import TrainingError, pick_device
+    samplers = [args.sampler] if args.sampler else ["block", "step"]
+    for s in samplers:
+        if s not in SAMPLER_NAMES:
+            raise SampleError(f"--sampler {s!r}: choose from {SAMPLER_NAMES}")
+    if args.context_t not in hiar.CONTEXT_LEVELS:
+        raise SampleError(f"--context-t {args.context_t!r}: choose from {hiar.CONTEXT_LEVELS}")
+    if args.num < 1:
+        raise SampleError(f"--num {args.num}: must be >= 1")
+    try:
+        dev = pick_device(args.device)
+    except TrainingError as e:
+        raise SampleError(str(e)) from None
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        if dev.type == "cuda":
+            dev = torch.device("cuda", dist.get_rank() % torch.cuda.device_count())
+    model, meta = load_student(args.ckpt, dev)
+    cfg = model.cfg
+    frames = cfg.sample_frames if args.frames is None else args.frames
+    if frames < 1 or frames % cfg.block:
+        raise SampleError(f"--frames {frames}: must be a positive multiple of the block "
+                          f"size {cfg.block}")
+    g = torch.Generator().manual_seed(args.seed)
+    data, _ = hiar.moving_shapes(cfg, args.num, g, frames)
+    noise = hiar.noise_bank(cfg, args.num, frames, g, dev)
+    videos = {"data": data}
+    with torch.no_grad():
+        for s in samplers:
+            videos[f"{Path(args.ckpt).stem}: {s}-major" if s != "pipelined"
+                   else f"{Path(args.ckpt).stem}: pipelined"] = \
+                run_sampler(model, noise, s, args.context_t, args.streams).cpu()
+    if distributed and dist.get_rank() != 0:
+        return
+    out = list(videos.values())[1:]
+    if args.npy:
+        np.save(args.npy, np.concatenate([to_uint8(v) for v in out]))
+    if args.pt:
+        torch.save(torch.cat(out), args.pt)
+    if args.gif:
+        save_gif(args.gif, grid_frames({k: to_uint8(v) for k, v in videos.items()},
+                                       per_row=min(args.num, 4)))
+        print(f"wrote {args.gif}")
+    if frames >= 5:
+        print(metric_table(videos))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except SampleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -310,3 +310,94 @@ def test_exit_at_step_0_equals_a_one_step_sampler(cfg, model, sampler):
         early = sampler(model, noise, exit_step=0, context_t="clean")
         one_step = sampler(model, noise[:1], context_t="clean")
     assert torch.equal(early, one_step)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pipelined sampler, fused pass, schedule, processes
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("blocks,K,S", [(6, 4, 2), (5, 4, 4), (4, 4, 1), (7, 3, 2), (3, 2, 2),
+                                        (1, 4, 3)])
+def test_pipelined_is_bitwise_step_major(cfg, blocks, K, S, one_thread):
+    model = random_model(cfg)
+    noise = bank(cfg, blocks * cfg.block, K=K)
+    with torch.no_grad():
+        ref = hiar.sample_step_major(model, noise)
+        pipe = hiar.sample_pipelined(model, noise, streams=S, threads_per_stream=1)
+    assert torch.equal(ref, pipe)
+
+
+def test_pipelined_with_rolling_window_and_context_levels(cfg, model, one_thread):
+    noise = bank(cfg, 4 * cfg.frames)
+    with torch.no_grad():
+        for ctx in hiar.CONTEXT_LEVELS:
+            assert torch.equal(hiar.sample_step_major(model, noise, context_t=ctx),
+                               hiar.sample_pipelined(model, noise, context_t=ctx, streams=2))
+
+
+def test_pipelined_rejects_bad_streams_and_surfaces_errors(cfg, model, monkeypatch):
+    noise = bank(cfg, cfg.frames)
+    with pytest.raises(ValueError, match="streams=3 is invalid"):
+        hiar.sample_pipelined(model, noise, streams=3)          # smoke K = 2
+    real_cell = hiar.cell
+
+    def failing_cell(ctx, x, n, j, *a, **kw):
+        if (n, j) == (1, 1):                                    # a cell of the second stream
+            raise RuntimeError("boom in stage 1")
+        return real_cell(ctx, x, n, j, *a, **kw)
+    monkeypatch.setattr(hiar, "cell", failing_cell)
+    with pytest.raises(RuntimeError, match="boom in stage 1"):  # raised, not hung or lost
+        hiar.sample_pipelined(model, noise, streams=2)
+
+
+@pytest.mark.parametrize("context_t", hiar.CONTEXT_LEVELS)
+@pytest.mark.parametrize("frames_x", [1, 3])
+def test_fused_pass_matches_unfused(cfg, model, context_t, frames_x):
+    noise = bank(cfg, frames_x * cfg.frames)
+    with torch.no_grad():
+        a = hiar.sample_step_major(model, noise, context_t=context_t)
+        b = hiar.sample_step_major(model, noise, context_t=context_t, fused=True)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("N,K,S", [(8, 4, 2), (5, 4, 4), (3, 4, 1), (6, 3, 2)])
+def test_pipeline_schedule_respects_dependencies(N, K, S):
+    cells = hiar.pipeline_schedule(N, K, S)
+    assert max(c["slot"] for c in cells) + 1 == N + S - 1                 # N + S − 1 slots
+    assert sorted(j for c in cells if c["block"] == 0 for j in c["steps"]) == list(range(K))
+    where = {(c["block"], j): (c["slot"], c["stream"]) for c in cells for j in c["steps"]}
+    assert len(where) == N * K                                            # every cell once
+    for (n, j), (slot, stream) in where.items():
+        if j > 0:                                                         # input: (n, j − 1)
+            assert where[(n, j - 1)][0] < slot or where[(n, j - 1)] == (slot, stream)
+        if n > 0:                                                         # context: (n − 1, j)
+            assert where[(n - 1, j)][0] < slot
+    busy = [(c["slot"], c["stream"]) for c in cells]
+    assert len(busy) == len(set(busy))                                    # one cell a stream a slot
+    assert N * S / (N + S - 1) == pytest.approx(N * S / (max(s for s, _ in busy) + 1))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_single_process(tmp_path):
+    import subprocess
+    import sys
+    cfg = hiar.Config.preset("smoke")
+    ckpt = tmp_path / "m.pt"
+    torch.save({"config": cfg.to_dict(), "model": random_model(cfg).state_dict()}, ckpt)
+    common = [f"--ckpt={ckpt}", "--frames=12", "-n", "2", "--gif=", "--seed=3"]  # torchrun eats --num
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "sample.py", *common, "--sampler", "step",
+                    "--pt", str(tmp_path / "one.pt")], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                    "sample.py", *common, "--sampler", "pipelined", "--pt", str(tmp_path / "two.pt")],
+                   check=True, env=env, capture_output=True, timeout=300)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one.shape == (2, 12, 3, cfg.size, cfg.size) and torch.allclose(one, two, atol=1e-6)
