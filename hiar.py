@@ -77,13 +77,14 @@ class Config:
     ema: float = 0.99
     ema_start: int = 100
     sample_frames: int = 96   # long-rollout length for GIFs and metrics (8× the training length)
+    ckpt_every: int = 100     # training steps between checkpoints (DMD: a fifth of it)
 
     def __post_init__(self):
         def need(ok, name, allowed):
             if not ok:
                 raise ValueError(f"Config.{name}={getattr(self, name)!r} is invalid: {allowed}")
         for name in ("size", "frames", "block", "shapes", "patch", "dim", "depth", "heads", "K",
-                     "batch", "dmd_batch", "critic_ratio", "sample_frames"):
+                     "batch", "dmd_batch", "critic_ratio", "sample_frames", "ckpt_every"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
                  "must be an integer >= 1")
         need(self.frames % self.block == 0, "frames", f"must be a multiple of block={self.block}")
@@ -135,7 +136,8 @@ PRESETS = {
     # tiny, for tests: a forward pass in milliseconds, every training stage in seconds
     "smoke": dict(size=8, frames=6, block=2, patch=4, dim=32, depth=2, heads=2, K=2, batch=4,
                   blob_sigma=(1.0, 1.5), teacher_steps=30, ode_pairs=8, ode_steps=6, init_steps=10,
-                  dmd_steps=4, dmd_batch=2, critic_ratio=2, ema_start=2, sample_frames=12),
+                  dmd_steps=4, dmd_batch=2, critic_ratio=2, ema_start=2, sample_frames=12,
+                  ckpt_every=5),
     # the default of train_toy.py: 16×16 RGB, 12 frames = 4 blocks of 3, ~1.2M parameters
     "toy": dict(),
 }
@@ -429,27 +431,43 @@ class Context:
     """What a block sees of its predecessors. Fast path: a KV cache with a rolling window.
     Slow reference (`use_cache=False`): keep every written block and re-run the whole sequence
     (all written blocks + the current one) through the masked model at each query. The two agree
-    because the mask gives each frame exactly the window it had when its keys were cached."""
+    because the mask gives each frame exactly the window it had when its keys were cached.
 
-    def __init__(self, model: VideoDiT, use_cache: bool = True, window: int | None = None):
+    `fused=True` (the paper's fused pass): a write is held back and done in the same forward pass
+    as the next block's denoising — one pass over both blocks with per-frame levels — so a step
+    costs N passes instead of 2N (a write that no later block reads is never made)."""
+
+    def __init__(self, model: VideoDiT, use_cache: bool = True, window: int | None = None,
+                 fused: bool = False):
         self.model, self.window, self.b = model, window, model.cfg.block
         self.cache = model.new_cache(window) if use_cache else None
+        self.fused, self.pending = fused and use_cache, None     # pending: (x, σ, n) to write
         self.xs, self.sigmas = [], []                   # reference path: written blocks, levels
 
     def denoise(self, x, sigma, n: int):
         """v_hat for block n (B, b, 3, H, W) at level sigma given the context."""
+        B, b = x.shape[0], self.b
+        if self.pending is not None:                    # fused: write block n − 1, denoise n
+            xc, sc, m = self.pending
+            self.pending = None
+            if m != n - 1:
+                raise ValueError(f"fused pass: pending block {m} is not block {n} - 1")
+            xs = torch.cat([xc, x], 1)                                          # (B, 2b, …)
+            s = torch.cat([frame_sigma(sc, B, b, x.device), frame_sigma(sigma, B, b, x.device)], 1)
+            return self.model(xs, s, frame0=m * b, cache=self.cache, write_frames=b,
+                              window=self.window)[:, b:]
         if self.cache is not None:
-            return self.model(x, sigma, frame0=n * self.b, cache=self.cache, window=self.window)
-        B = x.shape[0]
-        xs = torch.cat(self.xs + [x], 1)                                    # (B, ≤(n+1)b, …)
-        s = torch.cat(self.sigmas + [frame_sigma(sigma, B, self.b, x.device)], 1)
-        return self.model(xs, s, frame0=(n + 1) * self.b - xs.shape[1],
-                          window=self.window)[:, -self.b:]
+            return self.model(x, sigma, frame0=n * b, cache=self.cache, window=self.window)
+        xs = torch.cat(self.xs + [x], 1)                                        # (B, ≤(n+1)b, …)
+        s = torch.cat(self.sigmas + [frame_sigma(sigma, B, b, x.device)], 1)
+        return self.model(xs, s, frame0=(n + 1) * b - xs.shape[1], window=self.window)[:, -b:]
 
     @torch.no_grad()
     def write(self, x, sigma, n: int):
         """Make block n, at level sigma, context for the blocks after it (a detached pass)."""
-        if self.cache is not None:
+        if self.fused:
+            self.pending = (x.detach(), sigma, n)
+        elif self.cache is not None:
             self.model(x, sigma, frame0=n * self.b, cache=self.cache, write_frames=self.b,
                        window=self.window)
         else:
@@ -530,7 +548,7 @@ def sample_step_major(model: VideoDiT, noise, context_t: str = "next", exit_step
     at the context level t_c (default t_{j+1}) for the blocks after it. 2K passes a block.
 
     `fused=True` merges the write of block n and the denoising of block n + 1 into one pass
-    over both blocks with per-frame levels (the paper's fused pass): N + 1 passes a step.
+    over both blocks with per-frame levels (the paper's fused pass): N passes a step.
     Same signature, noise bank and output as `sample_block_major`.
     """
     K, N, J = _check_sampler_args(model, noise, context_t, exit_step)
@@ -539,44 +557,13 @@ def sample_step_major(model: VideoDiT, noise, context_t: str = "next", exit_step
     x = [noise[0, n] for n in range(N)]                             # all blocks start at σ_0 = 1
     out = [None] * N
     for j in range(J + 1):                                          # Alg. 1, outer loop: steps
-        ctx = Context(model, use_cache, window)                     # the cache is reset per step
-        if fused and use_cache:
-            x, out = _fused_step(ctx, x, j, sigmas, noise, context_t, grad and j == J)
-            continue
+        ctx = Context(model, use_cache, window, fused)              # the cache is reset per step
         for n in range(N):                                          # inner loop: blocks
             out[n], x_next = cell(ctx, x[n], n, j, sigmas, noise, grad and j == J)
             xc, sc = context_input(context_t, x[n], out[n].detach(), x_next.detach(), sigmas, j)
             ctx.write(xc, sc, n)
             x[n] = x_next
     return torch.cat(out, 1)
-
-
-def _fused_step(ctx: Context, x, j: int, sigmas, noise, context_t, grad: bool):
-    """One step of Alg. 1 with fused passes: pass n writes block n − 1 (at t_c) and denoises
-    block n (at t_j) together; the first pass only denoises, a last one only writes."""
-    model, b, N = ctx.model, ctx.b, len(x)
-    out, x_new = [None] * N, [None] * N
-    B = x[0].shape[0]
-    prev = None                                                     # (x_c, σ_c) of block n − 1
-    for n in range(N + 1):
-        if prev is None:                                            # first pass: denoise only
-            with torch.set_grad_enabled(grad):
-                v = model(x[n], sigmas[j], frame0=n * b, cache=ctx.cache, window=ctx.window)
-        else:
-            xs = torch.cat([prev[0]] + ([x[n]] if n < N else []), 1)
-            s = torch.cat([frame_sigma(prev[1], B, b, xs.device)]
-                          + ([frame_sigma(sigmas[j], B, b, xs.device)] if n < N else []), 1)
-            with torch.set_grad_enabled(grad and n < N):
-                v = model(xs, s, frame0=(n - 1) * b, cache=ctx.cache, write_frames=b,
-                          window=ctx.window)[:, b:]
-        if n == N:
-            break
-        out[n] = x0_from_v(x[n], v, sigmas[j])
-        x_next = add_noise(out[n], noise[j + 1, n], sigmas[j + 1]) if j + 1 < len(noise) \
-            else out[n]
-        prev = context_input(context_t, x[n], out[n].detach(), x_next.detach(), sigmas, j)
-        x_new[n] = x_next.detach()
-    return x_new, out
 
 
 # ================================================================================================
@@ -604,13 +591,13 @@ def pipeline_schedule(N: int, K: int, S: int) -> list[dict]:
 
 
 def run_stage(model: VideoDiT, noise, steps: range, context_t: str, receive, send,
-              window: int | None = None, shift=None):
+              window: int | None = None, shift=None, fused: bool = False):
     """One pipeline stage: for each block in order, take its input at σ_{steps[0]} from
     `receive(n)`, run this stage's steps on it (one KV cache per step), and `send(n, x)` the result
     (at σ_{steps[-1] + 1}; the clean video from the last stage). Threads and processes both use it."""
     K, N = noise.shape[:2]
     sigmas = student_sigmas(K, model.cfg.shift if shift is None else shift)
-    ctxs = {j: Context(model, True, window) for j in steps}
+    ctxs = {j: Context(model, True, window, fused) for j in steps}
     for n in range(N):
         x = receive(n)
         for j in steps:
@@ -622,7 +609,8 @@ def run_stage(model: VideoDiT, noise, steps: range, context_t: str, receive, sen
 
 @torch.no_grad()
 def sample_pipelined(model: VideoDiT, noise, context_t: str = "next", streams: int = 2,
-                     window: int | None = None, shift=None, threads_per_stream: int | None = 1):
+                     window: int | None = None, shift=None, threads_per_stream: int | None = 1,
+                     fused: bool = False):
     """Step-major sampling as a wavefront on `streams` threads, one stage each. Same signature,
     noise bank and video as `sample_step_major`: every forward pass sees the same inputs and the
     same cache, so on the CPU the video is bitwise equal to `sample_step_major` run with the same
@@ -651,7 +639,7 @@ def sample_pipelined(model: VideoDiT, noise, context_t: str = "next", streams: i
             if threads_per_stream:
                 torch.set_num_threads(threads_per_stream)
             with torch.no_grad():
-                run_stage(model, noise, groups[s], context_t, receive, send, window, shift)
+                run_stage(model, noise, groups[s], context_t, receive, send, window, shift, fused)
         except BaseException as e:                     # surface a worker's failure to the caller
             errors.append(e)
             for ev in ready[s + 1]:
@@ -669,7 +657,8 @@ def sample_pipelined(model: VideoDiT, noise, context_t: str = "next", streams: i
 
 
 @torch.no_grad()
-def sample_distributed(model: VideoDiT, noise, context_t: str = "next", window=None, shift=None):
+def sample_distributed(model: VideoDiT, noise, context_t: str = "next", window=None, shift=None,
+                       fused: bool = False):
     """The same wavefront across processes: rank s of S (torch.distributed, started with
     `torchrun --nproc_per_node=S`) runs stage s and passes each block's latent to rank s + 1 —
     the path for a model that outgrows one device. Every rank builds the same noise bank; the
@@ -692,7 +681,7 @@ def sample_distributed(model: VideoDiT, noise, context_t: str = "next", window=N
         else:
             out.append(x)
 
-    run_stage(model, noise, step_groups(K, S)[s], context_t, receive, send, window, shift)
+    run_stage(model, noise, step_groups(K, S)[s], context_t, receive, send, window, shift, fused)
     B, b = noise.shape[2], noise.shape[3]
     video = torch.cat(out, 1) if out else noise.new_empty((B, N * b) + tuple(noise.shape[4:]))
     dist.broadcast(video, src=S - 1)

@@ -205,9 +205,12 @@ def load_student(name: str, device) -> tuple[hiar.VideoDiT, dict]:
         cfg = hiar.Config.from_dict(ck["config"])
         model = hiar.VideoDiT(cfg)
         model.load_state_dict(ck["ema"] if "ema" in ck else ck["model"])
-    except (KeyError, RuntimeError, ValueError, EOFError, OSError) as e:
+    except Exception as e:                     # unreadable, foreign or mismatched file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SampleError(f"--ckpt {path}: not a usable checkpoint ({first})") from None
+    if ck.get("stage") == "teacher":
+        raise SampleError(f"--ckpt {path}: is the bidirectional teacher; sample a student "
+                          "(hiar, self_forcing, hiar_no_fkl or a run's student checkpoint)")
     meta = {k: ck[k] for k in ("stage", "order", "fkl_weight", "context_t", "note") if k in ck}
     return model.to(device).eval(), meta
 
@@ -298,11 +301,13 @@ def main(argv=None):
                 run_sampler(model, noise, s, args.context_t, args.streams).cpu()
     if distributed and dist.get_rank() != 0:
         return
-    out = list(videos.values())[1:]
-    if args.npy:
-        np.save(args.npy, np.concatenate([to_uint8(v) for v in out]))
-    if args.pt:
-        torch.save(torch.cat(out), args.pt)
+    made = dict(zip(samplers, list(videos.values())[1:]))
+    for path, write in ((args.npy, lambda p, v: np.save(p, to_uint8(v))),
+                        (args.pt, lambda p, v: torch.save(v, p))):
+        for s, v in (made.items() if path else []):   # one file per sampler: (num, T, …)
+            p = path if len(made) == 1 else str(Path(path).with_stem(f"{Path(path).stem}_{s}"))
+            write(p, v)
+            print(f"wrote {p}")
     if args.gif:
         save_gif(args.gif, grid_frames({k: to_uint8(v) for k, v in videos.items()},
                                        per_row=min(args.num, 4)))
@@ -311,9 +316,148 @@ def main(argv=None):
         print(metric_table(videos))
 
 
+# ------------------------------------------------------------------------------------------------
+# Benchmark: python sample.py bench  (prints a table; asserts nothing about time)
+# ------------------------------------------------------------------------------------------------
+
+def _timed(fn, threads: int, K: int, repeats: int):
+    """Best-of-`repeats` wall time of fn() with `threads` intra-op threads, and the time at which
+    block 0 came out finished (its cell at the last step), via a wrapper around hiar.cell."""
+    import time
+    torch.set_num_threads(threads)
+    real_cell, best = hiar.cell, None
+    stamp = {"t0": time.perf_counter(), "first": None}
+
+    def first_block_cell(ctx, x, n, j, *a, **kw):
+        out = real_cell(ctx, x, n, j, *a, **kw)
+        if n == 0 and j == K - 1 and stamp["first"] is None:
+            stamp["first"] = time.perf_counter() - stamp["t0"]
+        return out
+    hiar.cell = first_block_cell
+    try:
+        fn()                                                            # warm-up
+        for _ in range(repeats):
+            stamp.update(t0=time.perf_counter(), first=None)
+            fn()
+            total = time.perf_counter() - stamp["t0"]
+            if best is None or total < best[0]:
+                best = (total, stamp["first"])
+    finally:
+        hiar.cell = real_cell
+    return best
+
+
+def _probe(args):
+    """Child process of the benchmark: per-frame time and peak memory of one long sample."""
+    import json
+    import resource
+    import time
+    cfg = hiar.Config.preset(args.preset)
+    model = hiar.VideoDiT(cfg).eval()
+    noise = hiar.noise_bank(cfg, args.batch, args.frames, torch.Generator().manual_seed(0))
+    held, real_append = [0], hiar.KVCache.append
+
+    def spy(self, layer, k, v, frame):
+        real_append(self, layer, k, v, frame)
+        held[0] = max(held[0], self.k[layer].shape[-2] // cfg.tokens_per_frame)
+    hiar.KVCache.append = spy
+    fn = {"block": hiar.sample_block_major, "step": hiar.sample_step_major}[args.sampler]
+    with torch.no_grad():
+        fn(model, noise[:, :1])                                         # warm-up
+        t = time.perf_counter()
+        fn(model, noise)
+        took = time.perf_counter() - t
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"per_frame_ms": 1000 * took / args.frames, "peak_rss_mb": rss,
+                      "cache_frames": held[0]}))
+
+
+def bench_main(argv=None):
+    import json
+    import subprocess
+    p = argparse.ArgumentParser(prog="sample.py bench", description="Sampler speed and memory "
+                                "(ratios measured in one run on this machine).")
+    p.add_argument("--preset", default="toy")
+    p.add_argument("--batch", type=int, default=8, help="videos generated together")
+    p.add_argument("--blocks", type=int, default=16, help="blocks per video (N)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="total CPU threads")
+    p.add_argument("--probe", nargs=2, metavar=("FRAMES", "SAMPLER"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.probe:
+        args.frames, args.sampler = int(args.probe[0]), args.probe[1]
+        return _probe(args)
+    cfg = hiar.Config.preset(args.preset)
+    torch.manual_seed(0)
+    model = hiar.VideoDiT(cfg).eval()                 # speed does not depend on the weights
+    K, N, T = cfg.K, args.blocks, args.threads
+    noise = hiar.noise_bank(cfg, args.batch, N * cfg.block, torch.Generator().manual_seed(0))
+    frames = N * cfg.block * args.batch
+    dev = "cpu" if noise.device.type == "cpu" else str(noise.device)
+    runs = [
+        ("block-major, sequential", T, lambda: hiar.sample_block_major(model, noise)),
+        ("step-major, sequential", T, lambda: hiar.sample_step_major(model, noise)),
+        ("step-major, sequential, fused", T,
+         lambda: hiar.sample_step_major(model, noise, fused=True)),
+        (f"pipelined S=1 ({T} threads)", T,
+         lambda: hiar.sample_pipelined(model, noise, streams=1, threads_per_stream=T)),
+        (f"pipelined S=2 ({T // 2} thread each)", T,
+         lambda: hiar.sample_pipelined(model, noise, streams=2, threads_per_stream=T // 2)),
+        (f"pipelined S=2, fused ({T // 2} thread each)", T,
+         lambda: hiar.sample_pipelined(model, noise, streams=2, threads_per_stream=T // 2,
+                                       fused=True)),
+        ("block-major, sequential, 1 thread", 1, lambda: hiar.sample_block_major(model, noise)),
+        ("step-major, sequential, 1 thread", 1, lambda: hiar.sample_step_major(model, noise)),
+        ("step-major, sequential, fused, 1 thread", 1,
+         lambda: hiar.sample_step_major(model, noise, fused=True)),
+    ]
+    print(f"# sample.py bench: preset {args.preset}, {dev}, batch {args.batch}, N={N} blocks of "
+          f"{cfg.block} frames, K={K}, best of {args.repeats}\n")
+    print("| sampler | threads | frames/s | time to first block (s) | vs block-major |")
+    print("|---|---|---|---|---|")
+    res = {}
+    threads_before = torch.get_num_threads()
+    with torch.no_grad():
+        for name, threads, fn in runs:
+            total, first = _timed(fn, threads, K, args.repeats)
+            res[name] = total
+            print(f"| {name} | {threads} | {frames / total:.1f} | {first:.3f} | "
+                  f"{res[runs[0][0]] / total:.2f}x |", flush=True)
+    torch.set_num_threads(threads_before)
+    ideal = N * 2 / (N + 2 - 1)
+    eff = res["step-major, sequential, 1 thread"] / res[runs[4][0]]
+    eff_f = res["step-major, sequential, fused, 1 thread"] / res[runs[5][0]]
+    print(f"\n2-stream pipeline over sequential step-major at 1 thread: {eff:.2f}x unfused, "
+          f"{eff_f:.2f}x fused; ideal N*S/(N+S-1) = {ideal:.2f}x -> {100 * eff / ideal:.0f}% / "
+          f"{100 * eff_f / ideal:.0f}% of ideal")
+    print(f"pipelined step-major (fused, S=2) over block-major sequential, {T} threads: "
+          f"{res[runs[0][0]] / res[runs[5][0]]:.2f}x")
+    print("\n| sampler | video length | per-frame time (ms) | peak RSS (MB) | KV cache (frames) |")
+    print("|---|---|---|---|---|")
+    per = {}
+    for sampler in ("block", "step"):
+        for mult in (1, 10):
+            out = subprocess.run([sys.executable, __file__, "bench", "--preset", args.preset,
+                                  "--batch", str(args.batch), "--probe",
+                                  str(mult * cfg.frames), sampler],
+                                 capture_output=True, text=True, check=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": str(T)})
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            per[sampler, mult] = r["per_frame_ms"]
+            print(f"| {sampler}-major | {mult}x ({mult * cfg.frames} frames) | "
+                  f"{r['per_frame_ms']:.2f} | {r['peak_rss_mb']:.0f} | {r['cache_frames']} |",
+                  flush=True)
+    for sampler in ("block", "step"):
+        print(f"{sampler}-major per-frame time at 10x / 1x: "
+              f"{per[sampler, 10] / per[sampler, 1]:.2f}")
+
+
 if __name__ == "__main__":
     try:
-        main()
+        if sys.argv[1:2] == ["bench"]:
+            bench_main(sys.argv[2:])
+        else:
+            main()
     except SampleError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

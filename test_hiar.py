@@ -251,7 +251,10 @@ def test_forward_passes_per_block(cfg, model, K):
         assert model.calls == N * 2 * K                   # per step: denoise + context write
         model.calls = 0
         hiar.sample_step_major(model, noise, fused=True)
-        assert model.calls == K * (N + 1)                 # fused: N + 1 passes a step
+        assert model.calls == K * N                       # fused: N passes a step
+        model.calls = 0
+        hiar.sample_pipelined(model, noise, streams=min(2, K), fused=True)
+        assert model.calls == K * N
 
 
 @pytest.mark.parametrize("context_t", hiar.CONTEXT_LEVELS)
@@ -335,12 +338,15 @@ def test_pipelined_is_bitwise_step_major(cfg, blocks, K, S, one_thread):
     assert torch.equal(ref, pipe)
 
 
-def test_pipelined_with_rolling_window_and_context_levels(cfg, model, one_thread):
+def test_pipelined_with_rolling_window_context_levels_and_fused(cfg, model, one_thread):
     noise = bank(cfg, 4 * cfg.frames)
     with torch.no_grad():
         for ctx in hiar.CONTEXT_LEVELS:
             assert torch.equal(hiar.sample_step_major(model, noise, context_t=ctx),
                                hiar.sample_pipelined(model, noise, context_t=ctx, streams=2))
+            assert torch.equal(hiar.sample_step_major(model, noise, context_t=ctx, fused=True),
+                               hiar.sample_pipelined(model, noise, context_t=ctx, streams=2,
+                                                     fused=True))
 
 
 def test_pipelined_rejects_bad_streams_and_surfaces_errors(cfg, model, monkeypatch):
@@ -401,3 +407,316 @@ def test_torchrun_two_processes_equal_single_process(tmp_path):
                    check=True, env=env, capture_output=True, timeout=300)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one.shape == (2, 12, 3, cfg.size, cfg.size) and torch.allclose(one, two, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses
+# ------------------------------------------------------------------------------------------------
+
+def test_dmd_loss_gradient_is_the_normalised_score_difference(cfg):
+    """∂L/∂x0 = (x0_fake − x0_real) / (mean|x0 − x0_real| · numel) — the DMD update, per video."""
+    teacher, critic = random_model(cfg, 1), random_model(cfg, 2)
+    x0 = torch.randn(2, cfg.frames, 3, cfg.size, cfg.size, requires_grad=True)
+    torch.manual_seed(7)                                   # ε comes from the global generator
+    hiar.dmd_loss(x0, teacher, critic, generator=torch.Generator().manual_seed(0)).backward()
+    # replay the same draws by hand
+    t = 0.02 + 0.96 * torch.rand(2, generator=torch.Generator().manual_seed(0))
+    sigma = hiar.shift_sigma(t, 5.0)
+    torch.manual_seed(7)
+    x0d = x0.detach()
+    x_t = hiar.add_noise(x0d, torch.randn_like(x0d), sigma[:, None, None, None, None])
+    with torch.no_grad():
+        real = teacher.x0(x_t, sigma, causal=False)
+        fake = critic.x0(x_t, sigma, causal=False)
+    norm = (x0d - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+    expected = (fake - real) / norm / x0d.numel()
+    assert torch.allclose(x0.grad, expected, atol=1e-7, rtol=1e-4)
+
+
+def test_dmd_loss_vanishes_when_critic_equals_teacher(cfg):
+    teacher = random_model(cfg, 1)
+    x0 = torch.randn(2, cfg.frames, 3, cfg.size, cfg.size, requires_grad=True)
+    loss = hiar.dmd_loss(x0, teacher, teacher)
+    loss.backward()
+    assert loss.item() == 0 and x0.grad.abs().max() == 0
+
+
+def test_fkl_loss_modes_and_target(cfg):
+    student = random_model(cfg, 3)
+    x = torch.randn(2, cfg.frames, 3, cfg.size, cfg.size)
+    with torch.no_grad():
+        target = student.x0(x, 1.0, causal=False)
+        assert hiar.fkl_loss(student, x, target, bidirectional=True) == 0
+        assert hiar.fkl_loss(student, x, target, bidirectional=False) > 0   # causal differs
+    # the chord target carries x_a to x_b on a straight line
+    xa, xb = torch.randn(3), torch.randn(3)
+    x0 = hiar.chord_x0(xa, xb, 1.0, 0.9375)
+    eps = xa                                           # at σ = 1 the state is the noise
+    assert torch.allclose(hiar.add_noise(x0, eps, 0.9375), xb, atol=1e-5)
+
+
+def test_flow_loss_is_zero_for_the_true_velocity(cfg, monkeypatch):
+    model = random_model(cfg)
+    x0 = torch.randn(2, cfg.frames, 3, cfg.size, cfg.size)
+    eps = torch.randn_like(x0)
+    monkeypatch.setattr(model, "forward", lambda x, s, **kw: eps - x0)
+    assert hiar.flow_loss(model, x0, torch.rand(2), eps) == 0
+
+
+def test_teacher_ode_keeps_states_at_requested_levels(cfg):
+    teacher = random_model(cfg)
+    eps = torch.randn(1, cfg.frames, 3, cfg.size, cfg.size)
+    keep = hiar.student_sigmas(4, 5.0)[:-1]
+    states, x0 = hiar.teacher_ode(teacher, eps, keep, steps=8, shift=8.0)
+    assert states.shape == (1, 4) + eps.shape[1:] and torch.equal(states[:, 0], eps)
+    assert not torch.allclose(states[:, 1], eps) and torch.isfinite(x0).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Drift metrics (sample.py): known answers
+# ------------------------------------------------------------------------------------------------
+
+import sample  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def long_data():
+    toy = hiar.Config.preset("toy")
+    return hiar.moving_shapes(toy, 16, torch.Generator().manual_seed(0), frames=100)
+
+
+def test_drift_slope_of_a_line_is_its_slope():
+    seg = torch.tensor([[1.0, 3, 5, 7, 9], [2, 2, 2, 2, 2]])
+    assert torch.allclose(sample.drift_slope(seg), torch.tensor([2.0, 0.0]))
+    per_frame = torch.arange(10.0)[None]                       # 5 segments of 2 frames
+    assert torch.allclose(sample.segment_means(per_frame), torch.tensor([[0.5, 2.5, 4.5, 6.5, 8.5]]))
+
+
+def test_ground_truth_has_no_drift_and_the_true_speed(long_data):
+    video, state = long_data
+    m = sample.drift_metrics(video)
+    for name, (level, slope) in m.items():      # per video the slopes are noisy; on average ~0
+        assert slope.mean().abs() < 0.15 * level.mean().abs(), name
+    true_speed = state["vel"].norm(dim=-1).mean()
+    assert m["speed"][0].mean() == pytest.approx(true_speed.item(), rel=0.1)
+    assert m["palette_err"][0].mean() < 0.08 and m["saturation"][0].mean() > 0.7
+
+
+def _rescale(video, gain):
+    """Multiply the colours (in [0, 1]) per frame by gain (T,)."""
+    rgb = (video + 1) / 2 * gain[None, :, None, None, None]
+    return rgb.clamp(0, 1) * 2 - 1
+
+
+def test_brightening_video_drifts_up_in_brightness_and_area(long_data):
+    video, _ = long_data
+    T = video.shape[1]
+    gain = torch.linspace(1.0, 3.0, T)
+    m0, m1 = sample.drift_metrics(video), sample.drift_metrics(_rescale(video, gain))
+    assert m1["brightness"][1].mean() > 0.01 > m0["brightness"][1].abs().mean()
+    assert m1["foreground"][1].mean() > 0.01
+
+
+def test_fading_video_loses_area(long_data):
+    video, _ = long_data
+    gain = torch.linspace(1.0, 0.0, video.shape[1])
+    m = sample.drift_metrics(_rescale(video, gain))
+    assert m["foreground"][1].mean() < -0.02 and m["brightness"][1].mean() < 0
+
+
+def test_blurring_video_loses_sharpness(long_data):
+    video, _ = long_data
+    frames = []
+    for t in range(video.shape[1]):                            # blur grows with t
+        k = 1 + 2 * (t * 3 // video.shape[1])
+        x = video[:, t]
+        frames.append(torch.nn.functional.avg_pool2d(x, k, 1, k // 2) if k > 1 else x)
+    m = sample.drift_metrics(torch.stack(frames, 1))
+    assert m["sharpness"][1].mean() < -0.05 * m["sharpness"][0].mean()
+
+
+def test_off_palette_colours_raise_palette_error_and_frozen_video_has_no_speed(long_data):
+    video, _ = long_data
+    grey = video.mean(2, keepdim=True).expand_as(video)        # colour collapses to grey
+    assert sample.drift_metrics(grey)["palette_err"][0].mean() > 0.2
+    assert sample.drift_metrics(grey)["saturation"][0].mean() < 0.05
+    frozen = video[:, :1].expand_as(video)
+    assert sample.drift_metrics(frozen)["speed"][0].abs().max() == 0
+
+
+def test_flicker_sees_alternating_brightness(long_data):
+    video, _ = long_data
+    gain = 1 + 0.5 * (torch.arange(video.shape[1]) % 2)
+    assert sample.drift_metrics(_rescale(video, gain))["flicker"][0].mean() > \
+        5 * sample.drift_metrics(video)["flicker"][0].mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# train_toy.py: run directory, resume, failures; sample.py command line
+# ------------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import train_toy  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_cli(*args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_train_loop_stops_on_nan_and_keeps_the_last_good_checkpoint(tmp_path, cfg):
+    run = train_toy.Run(tmp_path, cfg, torch.device("cpu"), 0)
+    w = torch.nn.Linear(2, 2)
+    losses = iter([1.0, 0.5, 0.25, float("nan"), 0.1])
+    with pytest.raises(train_toy.TrainingError, match=r"stage toy: loss=nan at step 3"):
+        train_toy.train_loop(run, "toy", 5, {"model": w}, lambda step: {"loss": next(losses)},
+                             every=2)
+    ck = train_toy.load_ckpt(run.ckpt("toy"))
+    assert ck["step"] == 2 and not ck["done"]                       # the last good state stays
+
+
+def test_train_loop_resumes_where_it_stopped(tmp_path, cfg):
+    run = train_toy.Run(tmp_path, cfg, torch.device("cpu"), 0)
+    seen = []
+
+    def step_fn(step):
+        seen.append(step)
+        if step == 5 and len(seen) == 6:
+            raise KeyboardInterrupt                                  # a kill mid-stage
+        return {"loss": 1.0}
+    w = torch.nn.Linear(2, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train_toy.train_loop(run, "toy", 8, {"model": w}, step_fn, every=2)
+    train_toy.train_loop(run, "toy", 8, {"model": w}, step_fn, every=2)
+    assert seen == [0, 1, 2, 3, 4, 5, 4, 5, 6, 7] and run.done("toy")
+
+
+def test_run_directory_refuses_a_different_config(tmp_path, cfg):
+    train_toy.Run(tmp_path, cfg, torch.device("cpu"), 0)
+    other = hiar.Config.preset("smoke", dmd_steps=99)
+    with pytest.raises(train_toy.TrainingError, match=r"dmd_steps: 4 vs 99"):
+        train_toy.Run(tmp_path, other, torch.device("cpu"), 0)
+    ck = {"config": hiar.Config.preset("smoke", dim=64).to_dict()}
+    with pytest.raises(train_toy.TrainingError, match=r"dim: 64 vs 32"):
+        train_toy.check_config(ck, cfg, "teacher.pt")
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "x.pt"
+    train_toy.save_atomic({"a": 1}, path)
+
+    def broken_save(obj, f):
+        Path(f).write_bytes(b"half a fi")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        train_toy.save_atomic({"a": 2}, path)
+    assert train_toy.load_ckpt(path) == {"a": 1}                    # the old file is intact
+
+
+@pytest.mark.slow
+def test_smoke_preset_runs_every_stage(tmp_path):
+    t = time.time()
+    r = run_cli("train_toy.py", "--preset", "smoke", "--from-scratch", "--run-dir", str(tmp_path),
+                "--students", "hiar,self_forcing,hiar_no_fkl")
+    assert r.returncode == 0, r.stderr
+    took = time.time() - t
+    for stage in ("teacher", "ode_pairs", "ode_init", "hiar", "self_forcing", "hiar_no_fkl"):
+        assert torch.load(tmp_path / f"{stage}.pt", weights_only=True)["done"], stage
+    for gif in ("teacher", "ode_init", "hiar", "self_forcing", "hiar_no_fkl"):
+        assert (tmp_path / f"{gif}.gif").stat().st_size > 1000
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"dmd", "critic", "fkl"} <= set(next(r for r in log if r["stage"] == "hiar"))
+    assert "fkl" not in next(r for r in log if r["stage"] == "self_forcing")
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["dim"] == 32
+    print(f"smoke run: {took:.0f} s")
+    # rerunning the finished command does nothing and says so
+    r = run_cli("train_toy.py", "--preset", "smoke", "--from-scratch", "--run-dir", str(tmp_path),
+                "--students", "hiar,self_forcing,hiar_no_fkl")
+    assert r.returncode == 0 and "done:" not in r.stdout
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_when_rerun(tmp_path):
+    cmd = [sys.executable, "train_toy.py", "--preset", "smoke", "--from-scratch", "--run-dir",
+           str(tmp_path), "--set", "teacher_steps=400", "--students", "hiar"]
+    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ck = tmp_path / "teacher.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline:                                   # wait for a mid-stage save
+        if ck.exists():
+            try:
+                c = torch.load(ck, weights_only=True)
+                if 20 <= c["step"] < 400 and not c["done"]:
+                    break
+            except Exception:
+                pass
+        time.sleep(0.2)
+    proc.kill()                                                      # SIGKILL: no cleanup
+    proc.wait()
+    killed_at = torch.load(ck, weights_only=True)["step"]
+    assert 0 < killed_at < 400
+    r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from step" in r.stdout
+    assert torch.load(ck, weights_only=True)["done"]
+    assert torch.load(tmp_path / "hiar.pt", weights_only=True)["done"]
+
+
+def smoke_ckpt(tmp_path):
+    cfg = hiar.Config.preset("smoke")
+    path = tmp_path / "smoke.pt"
+    torch.save({"config": cfg.to_dict(), "model": random_model(cfg).state_dict()}, path)
+    return path
+
+
+def test_sample_cli_writes_gif_npy_and_table(tmp_path):
+    ck = smoke_ckpt(tmp_path)
+    r = run_cli("sample.py", "--ckpt", str(ck), "--frames", "10", "--num", "3",
+                "--gif", str(tmp_path / "a.gif"), "--npy", str(tmp_path / "a.npy"))
+    assert r.returncode == 0, r.stderr
+    import numpy as np
+    for s in ("block", "step"):                                         # one file per sampler
+        arr = np.load(tmp_path / f"a_{s}.npy")
+        assert arr.shape == (3, 10, 8, 8, 3) and arr.dtype == np.uint8
+    assert (tmp_path / "a.gif").stat().st_size > 1000
+    assert "| data |" in r.stdout and "block-major" in r.stdout and "step-major" in r.stdout
+
+
+def test_sample_cli_errors_are_one_line(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    ck = str(smoke_ckpt(tmp_path))
+    cases = [("--ckpt", str(tmp_path / "missing.pt")), ("--ckpt", "no_such_name"),
+             ("--ckpt", str(junk)), ("--ckpt", "teacher"), ("--ckpt", ck, "--sampler", "sideways"),
+             ("--ckpt", ck, "--frames", "0"), ("--ckpt", ck, "--frames", "5"),
+             ("--ckpt", ck, "--context-t", "t_j"), ("--ckpt", ck, "--num", "0"),
+             ("--ckpt", ck, "--device", "cuda:7")]
+    for case in cases:
+        r = run_cli("sample.py", *case, "--gif", "")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), case
+
+
+def test_train_cli_errors_are_one_line(tmp_path):
+    for case in (["--set", "frames=7"], ["--set", "nope=1"], ["--students", "mystery"],
+                 ["--teacher", str(tmp_path / "none.pt")]):
+        r = run_cli("train_toy.py", "--preset", "smoke", "--run-dir", str(tmp_path / "r"), *case)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), case
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (HERE / "README.md").read_text()
+    ci = (HERE / ".ci" / "run").read_text()
+    cmd = 'python3 -m pytest -q -m "slow or not slow"'
+    assert cmd in readme and cmd in ci

@@ -239,7 +239,7 @@ def train_teacher(run: Run) -> float:
     gen_state = _GenState(data_gen)
     return train_loop(run, "teacher", cfg.teacher_steps,
                       {"model": model, "ema": ema, "opt": opt, "data_rng": gen_state}, step_fn,
-                      every=250)
+                      every=cfg.ckpt_every)
 
 
 class _GenState:
@@ -313,7 +313,8 @@ def train_ode_init(run: Run, teacher: hiar.VideoDiT, pairs: dict) -> float:
         return {"loss": loss.item()}
 
     return train_loop(run, "ode_init", cfg.init_steps,
-                      {"model": student, "opt": opt, "data_rng": _GenState(g)}, step_fn, every=250)
+                      {"model": student, "opt": opt, "data_rng": _GenState(g)}, step_fn,
+                      every=cfg.ckpt_every)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -378,7 +379,7 @@ def train_dmd(run: Run, stage: str, teacher, init: hiar.VideoDiT, pairs: dict, o
 
     return train_loop(run, stage, cfg.dmd_steps,
                       {"model": gen, "ema": ema, "critic": critic, "opt_g": opt_g, "opt_c": opt_c,
-                       "data_rng": _GenState(g)}, step_fn, every=50,
+                       "data_rng": _GenState(g)}, step_fn, every=max(1, cfg.ckpt_every // 5),
                       extra={"order": order, "fkl_weight": fkl_weight, "context_t": context_t})
 
 
