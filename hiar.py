@@ -14,10 +14,11 @@ Map of this file, in reading order (section banners mirror it):
   3. Schedule          flow matching, σ-shift, the student's K-step σ list
   4. Model             a small video transformer: adaLN per frame, block-causal or full attention,
                        temporal RoPE, KV cache with a rolling window
-  5. Block-major       the CausVid / Self-Forcing sampler
-  6. Step-major        the HiAR sampler (Alg. 1)
-  7. Pipelined         the step-major wavefront on S streams, and the fused pass
-  8. Losses            flow matching, DMD (reverse KL), forward-KL regulariser (Eq. 10-11)
+  5. Sampler pieces    the noise bank, the context (KV cache or slow reference; fused pass), a cell
+  6. Block-major       the CausVid / Self-Forcing sampler
+  7. Step-major        the HiAR sampler (paper Alg. 1, context level of Eq. 9 / Table 2)
+  8. Pipelined         the step-major wavefront on S threads or S processes
+  9. Losses            flow matching, teacher ODE, DMD (reverse KL), forward KL (Eq. 10-11)
 
 Time convention, used everywhere: σ ∈ [0, 1], x_σ = (1 − σ)·x0 + σ·ε; σ = 1 is pure noise,
 σ = 0 is clean data. The network predicts the velocity v = ε − x0, so x0_hat = x_σ − σ·v_hat.
@@ -56,7 +57,7 @@ class Config:
     # schedule / sampling
     K: int = 4                # student denoising steps (paper: 4)
     shift: float = 5.0        # σ-shift of the student's step list (paper: 5)
-    window: int = 0           # rolling attention window in frames, incl. the current block (0 = frames)
+    window: int = 0           # rolling attention window, frames incl. the current block (0: frames)
     context_t: str = "next"   # context level of the step-major sampler: current | next | clean
     # training budget (used by train_toy.py; kept here so a checkpoint carries its whole recipe)
     batch: int = 32
@@ -173,7 +174,8 @@ def moving_shapes(cfg: Config, batch: int, generator: torch.Generator | None = N
         raise ValueError(f"frames={T!r} is invalid: must be an integer >= 1")
     B, S, H = batch, cfg.shapes, cfg.size
     g = generator
-    radius = cfg.blob_sigma[0] + (cfg.blob_sigma[1] - cfg.blob_sigma[0]) * torch.rand(B, S, generator=g)
+    r_lo, r_hi = cfg.blob_sigma
+    radius = r_lo + (r_hi - r_lo) * torch.rand(B, S, generator=g)                  # (B, S)
     lo, hi = radius[..., None], H - 1 - radius[..., None]       # walls keep the core inside
     p0 = lo + (hi - lo) * torch.rand(B, S, 2, generator=g)     # (B, S, 2)
     speed = cfg.speed[0] + (cfg.speed[1] - cfg.speed[0]) * torch.rand(B, S, 1, generator=g)
@@ -209,7 +211,7 @@ def student_sigmas(K: int, shift: float) -> list[float]:
 
 
 def add_noise(x0, eps, sigma):
-    """x_σ = (1 − σ)·x0 + σ·ε. `sigma` is a float or broadcasts against x0 (e.g. (B, T, 1, 1, 1))."""
+    """x_σ = (1 − σ)·x0 + σ·ε; `sigma` is a float or broadcasts against x0, e.g. (B, T, 1, 1, 1)."""
     return (1 - sigma) * x0 + sigma * eps
 
 
@@ -237,10 +239,10 @@ def attention_mask(q_frames, k_frames, block: int, window: int, causal: bool):
 
     Block-causal (student): a query in block m sees keys in blocks ≤ m, and — the rolling window —
     only keys at most `window − block` frames before the start of its own block, so a block never
-    sees more than `window` frames in all (its own included). Full (teacher): everything.
+    sees more than `window` frames in all (its own included). Full (teacher): None = everything.
     """
     if not causal:
-        return torch.ones(len(q_frames), len(k_frames), dtype=torch.bool, device=q_frames.device)
+        return None
     q_start = (q_frames // block * block)[:, None]
     k = k_frames[None, :]
     return (k < q_start + block) & (k >= q_start - (window - block))
@@ -275,23 +277,18 @@ class KVCache:
     def __len__(self):
         return 0 if self.frame is None else len(self.frame)
 
-    @property
-    def frames(self) -> int:
-        return 0 if self.frame is None else len(torch.unique(self.frame))
-
     def append(self, layer: int, k, v, frame):
-        """Append one layer's keys/values (B, h, L, d) of frames `frame` (L,), keeping the newest."""
-        def keep(t, dim):
-            return t.narrow(dim, t.shape[dim] - min(t.shape[dim], self.max_tokens),
-                            min(t.shape[dim], self.max_tokens))
-        cat = lambda old, new: new if old is None else torch.cat([old, new], dim=-2)  # noqa: E731
-        k, v = k.detach(), v.detach()                  # context never carries gradient
-        self.k[layer] = keep(cat(self.k[layer], k), -2)
-        self.v[layer] = keep(cat(self.v[layer], v), -2)
+        """Append one layer's keys/values (B, h, L, d) for frames `frame` (L,); keep the newest."""
+        def newest(old, new, dim=-2):                  # concatenate, keep the last max_tokens
+            t = new if old is None else torch.cat([old, new], dim)
+            keep = min(t.shape[dim], self.max_tokens)
+            return t.narrow(dim, t.shape[dim] - keep, keep)
+        self.k[layer] = newest(self.k[layer], k.detach())   # context never carries gradient
+        self.v[layer] = newest(self.v[layer], v.detach())
         # The frame index is shared by all layers: update it after the last one, so that every
         # layer of one forward pass sees the cache as it was before that pass.
         if layer == len(self.k) - 1:
-            self.frame = keep(frame if self.frame is None else torch.cat([self.frame, frame]), 0)
+            self.frame = newest(self.frame, frame, 0)
 
 
 def modulate(x, shift, scale):
@@ -314,22 +311,21 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
 
-    def forward(self, x, c, frame, mask_fn, cache: KVCache | None, layer: int, write: int):
-        # x: (B, L, D) tokens, c: (B, L, D) conditioning, frame: (L,) absolute frame per token
+    def forward(self, x, c, frame, mask, cache: KVCache | None, layer: int, write: int):
+        # x: (B, L, D) tokens, c: (B, L, D) conditioning, frame: (L,) absolute frame per token,
+        # mask: (L, cached + L) which keys each query may see (None: all)
         B, L, D = x.shape
         sa, ga, ma, sm, gm, mm = self.ada(c).chunk(6, dim=-1)
         q, k, v = self.qkv(modulate(self.norm1(x), sa, ga)).view(B, L, 3, self.heads, -1).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))                 # (B, h, L, d)
         q, k = rope(q, frame), rope(k, frame)
-        if cache is not None and len(cache):
+        k_all, v_all = k, v
+        if cache is not None and len(cache):                              # context first
             k_all = torch.cat([cache.k[layer], k], dim=-2)
             v_all = torch.cat([cache.v[layer], v], dim=-2)
-            k_frame = torch.cat([cache.frame, frame])
-        else:
-            k_all, v_all, k_frame = k, v, frame
         if cache is not None and write:                                   # first `write` tokens
             cache.append(layer, k[:, :, :write], v[:, :, :write], frame[:write])
-        att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask_fn(frame, k_frame))
+        att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
         x = x + ma * self.proj(att.transpose(1, 2).reshape(B, L, D))
         x = x + mm * self.mlp(modulate(self.norm2(x), sm, gm))
         return x
@@ -391,12 +387,10 @@ class VideoDiT(nn.Module):
         s = frame_sigma(sigma, B, T, x.device)                                   # (B, T)
         c = self.t_mlp(timestep_embedding(s, cfg.dim)).repeat_interleave(P, 1)  # (B, L, D)
         frame = torch.arange(frame0, frame0 + T, device=x.device).repeat_interleave(P)  # (L,)
-        w = window or cfg.window_frames
-
-        def mask_fn(qf, kf):
-            return attention_mask(qf, kf, cfg.block, w, causal)
+        k_frame = torch.cat([cache.frame, frame]) if cache is not None and len(cache) else frame
+        mask = attention_mask(frame, k_frame, cfg.block, window or cfg.window_frames, causal)
         for i, blk in enumerate(self.blocks):
-            h = blk(h, c, frame, mask_fn, cache, i, write_frames * P)
+            h = blk(h, c, frame, mask, cache, i, write_frames * P)
         shift, scale = self.ada_out(c).chunk(2, dim=-1)
         out = self.patch_out(modulate(self.norm_out(h), shift, scale))         # (B, L, C·p·p)
         out = out.reshape(B, T, H // p, W // p, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)
@@ -409,7 +403,7 @@ class VideoDiT(nn.Module):
 
 
 # ================================================================================================
-# 5. Samplers: shared pieces
+# 5. Sampler pieces: noise bank, context, cell
 # ================================================================================================
 # Both orders run the same cells. Cell (n, j) denoises block n from σ_j: x0_hat = x − σ_j·v_hat,
 # then re-noises x0_hat to σ_{j+1} with fresh noise (SDE-style few-step sampling, as Self-Forcing).
@@ -585,7 +579,7 @@ def step_groups(K: int, S: int) -> list[range]:
 
 def pipeline_schedule(N: int, K: int, S: int) -> list[dict]:
     """Which cells run on which stream in which time slot, if every stage takes one slot:
-    stream s runs block n (its steps) in slot n + s. A list of dicts (slot, stream, block, steps)."""
+    stream s runs block n (its steps) in slot n + s. Returns dicts (slot, stream, block, steps)."""
     return [dict(slot=n + s, stream=s, block=n, steps=list(g))
             for s, g in enumerate(step_groups(K, S)) for n in range(N)]
 
@@ -594,7 +588,7 @@ def run_stage(model: VideoDiT, noise, steps: range, context_t: str, receive, sen
               window: int | None = None, shift=None, fused: bool = False):
     """One pipeline stage: for each block in order, take its input at σ_{steps[0]} from
     `receive(n)`, run this stage's steps on it (one KV cache per step), and `send(n, x)` the result
-    (at σ_{steps[-1] + 1}; the clean video from the last stage). Threads and processes both use it."""
+    (at σ_{steps[-1] + 1}; clean from the last stage). Threads and processes both use it."""
     K, N = noise.shape[:2]
     sigmas = student_sigmas(K, model.cfg.shift if shift is None else shift)
     ctxs = {j: Context(model, True, window, fused) for j in steps}

@@ -44,7 +44,8 @@ def grid_frames(rows: dict, scale: int = 4, per_row: int = 1, gap: int = 2) -> n
         v = v[:per_row, :T].repeat(scale, 2).repeat(scale, 3)        # (n, T, sH, sW, 3)
         pad = np.zeros((v.shape[0], T, v.shape[2], gap, 3), np.uint8)
         row = np.concatenate([np.concatenate([x, p], 2) for x, p in zip(v, pad)], 2)
-        strip = np.broadcast_to(_label(label, row.shape[2]), (T,) + _label(label, row.shape[2]).shape)
+        text = _label(label, row.shape[2])
+        strip = np.broadcast_to(text, (T,) + text.shape)
         blocks += [strip, row, np.zeros((T, gap, row.shape[2], 3), np.uint8)]
     width = max(b.shape[2] for b in blocks)
     blocks = [np.pad(b, ((0, 0), (0, 0), (0, width - b.shape[2]), (0, 0))) for b in blocks]
@@ -240,7 +241,8 @@ def metric_table(videos: dict) -> str:
             cells.append(f"{level.mean():.3f} ({slope.mean():+.4f}±{slope.std():.4f})"
                          if len(slope) > 1 else f"{level.mean():.3f} ({slope.mean():+.4f})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nEach cell: mean level (drift = slope per segment over 5 segments, ± std over videos)."
+    return "\n".join(lines) + ("\n\nEach cell: mean level (drift = slope per segment over "
+                              "5 segments, ± std over videos).")
 
 
 def parse_args(argv=None):

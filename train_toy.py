@@ -59,7 +59,8 @@ def pick_device(name: str | None = None) -> torch.device:
 # ------------------------------------------------------------------------------------------------
 
 def save_atomic(obj, path: Path):
-    """torch.save to a temp file in the same folder, then rename: a kill never leaves half a file."""
+    """torch.save to a temp file in the same folder, then rename: a kill never leaves half a
+    file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -439,11 +440,25 @@ def load_teacher(run: Run, from_scratch: bool, path) -> hiar.VideoDiT:
     if from_scratch:
         if not run.done("teacher"):
             train_teacher(run)
-            stage_gif(run, "teacher", load_model(run.ckpt("teacher"), run.cfg, "ema").to(run.device),
-                      teacher=True)
+            model = load_model(run.ckpt("teacher"), run.cfg, "ema").to(run.device)
+            stage_gif(run, "teacher", model, teacher=True)
         path = run.ckpt("teacher")
     teacher = load_model(path, run.cfg, key="ema").to(run.device)
     return teacher.eval().requires_grad_(False)
+
+
+def ship(run: Run, stage: str, dest: Path, command: str):
+    """A small, self-contained copy of a finished stage for checkpoints/: config, sampling weights
+    (the EMA where there is one) in float16, and how it was made. About 2.5 MB."""
+    ck = load_ckpt(run.ckpt(stage))
+    if not ck.get("done"):
+        raise TrainingError(f"stage {stage} of {run.path} is not finished; nothing shipped")
+    weights = ck["ema"] if "ema" in ck else ck["model"]
+    small = {"config": ck["config"], "model": {k: v.half() for k, v in weights.items()},
+             "stage": stage, "note": f"{command} (seed {run.seed}; weights stored in float16)"}
+    small.update({k: ck[k] for k in ("order", "fkl_weight", "context_t") if k in ck})
+    save_atomic(small, dest / f"{stage}.pt")
+    print(f"shipped {dest / f'{stage}.pt'}")
 
 
 def run_all(args) -> Run:
@@ -475,6 +490,10 @@ def run_all(args) -> Run:
             stage_gif(run, name, load_model(run.ckpt(name), cfg, "ema").to(dev))
     if times:
         print("stage times (min): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()))
+    if args.ship:
+        command = "python train_toy.py " + " ".join(sys.argv[1:])
+        for stage in ["ode_init"] + [s[0] for s in students]:
+            ship(run, stage, Path(args.ship), command)
     return run
 
 
@@ -500,6 +519,8 @@ def parse_args(argv=None):
     p.add_argument("--context-t", choices=list(hiar.CONTEXT_LEVELS), default=None,
                    help="context level of the custom student: current=t_j, next=t_{j+1}, clean")
     p.add_argument("--name", default=None, help="stage name of the custom student")
+    p.add_argument("--ship", default=None, metavar="DIR",
+                   help="afterwards, write small sampling checkpoints of the students to DIR")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="override Config fields, e.g. --set dmd_steps=200 gen_lr=1e-5")
     return p.parse_args(argv)
