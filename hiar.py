@@ -25,6 +25,7 @@ Time convention, used everywhere: σ ∈ [0, 1], x_σ = (1 − σ)·x0 + σ·ε;
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from dataclasses import asdict, dataclass, fields
@@ -608,7 +609,8 @@ def sample_pipelined(model: VideoDiT, noise, context_t: str = "next", streams: i
     """Step-major sampling as a wavefront on `streams` threads, one stage each. Same signature,
     noise bank and video as `sample_step_major`: every forward pass sees the same inputs and the
     same cache, so on the CPU the video is bitwise equal to `sample_step_major` run with the same
-    number of intra-op threads (`threads_per_stream`; None keeps the caller's)."""
+    number of intra-op threads (`threads_per_stream`; None keeps the caller's). On a GPU each
+    thread issues its kernels on a CUDA stream of its own."""
     K, N, _ = _check_sampler_args(model, noise, context_t, None)
     groups = step_groups(K, streams)
     # inbox[s][n]: block n's input to stage s; a stage waits until the stage before has sent it
@@ -618,6 +620,9 @@ def sample_pipelined(model: VideoDiT, noise, context_t: str = "next", streams: i
     for ev in ready[0]:
         ev.set()
     errors, caller_threads = [], torch.get_num_threads()
+    cuda = noise.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(noise.device)               # the noise bank is ready for all
 
     def worker(s):
         def receive(n):
@@ -627,12 +632,16 @@ def sample_pipelined(model: VideoDiT, noise, context_t: str = "next", streams: i
             return inbox[s][n]
 
         def send(n, x):
+            if cuda:
+                torch.cuda.current_stream().synchronize()   # x is ready before the next stage
             inbox[s + 1][n] = x
             ready[s + 1][n].set()
         try:
             if threads_per_stream:
                 torch.set_num_threads(threads_per_stream)
-            with torch.no_grad():
+            own_stream = (torch.cuda.stream(torch.cuda.Stream(noise.device)) if cuda
+                          else contextlib.nullcontext())
+            with torch.no_grad(), own_stream:
                 run_stage(model, noise, groups[s], context_t, receive, send, window, shift, fused)
         except BaseException as e:                     # surface a worker's failure to the caller
             errors.append(e)

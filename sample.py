@@ -118,19 +118,31 @@ def flicker(video):
     return torch.cat([torch.zeros_like(v[:, :1]), (v[:, 1:] - v[:, :-1]).abs()], 1)
 
 
-def speed(video):
-    """Estimated speed of the shapes (pixels / frame): each foreground pixel is given to its
-    nearest palette colour; per colour the intensity-weighted centroid is tracked between frames.
-    Per frame the mean over colours seen in both frames (0 for the first frame)."""
+def _colour_mass(video):
+    """Each foreground pixel given to its nearest palette colour (by angle): per frame and colour
+    the total intensity (B, T, P), and the intensity-weighted maps (B, T, H, W, P)."""
     p = _rgb(video)
     c = hiar.PALETTE.to(p.device)
     hi = p.amax(-1)
     cos = (p @ c.T) / (p.norm(dim=-1, keepdim=True) * c.norm(dim=-1) + 1e-6)   # (B,T,H,W,P)
     w = torch.nn.functional.one_hot(cos.argmax(-1), len(c)) * (hi * (hi > FG))[..., None]
-    H, W = p.shape[2:4]
-    ys, xs = torch.meshgrid(torch.arange(H, device=p.device),
-                            torch.arange(W, device=p.device), indexing="ij")
-    mass = w.sum((2, 3))                                                   # (B, T, P)
+    return w.sum((2, 3)), w
+
+
+def colours(video):
+    """How many palette colours are present (at least a blob's worth of intensity), per frame.
+    The data has `shapes` distinct colours in every frame; a collapsing model has fewer."""
+    return (_colour_mass(video)[0] > 1.0).sum(-1).float()
+
+
+def speed(video):
+    """Estimated speed of the shapes (pixels / frame): each foreground pixel is given to its
+    nearest palette colour; per colour the intensity-weighted centroid is tracked between frames.
+    Per frame the mean over colours seen in both frames (0 for the first frame)."""
+    mass, w = _colour_mass(video)                                          # (B, T, P), maps
+    H, W = w.shape[2:4]
+    ys, xs = torch.meshgrid(torch.arange(H, device=w.device),
+                            torch.arange(W, device=w.device), indexing="ij")
     cx = (w * xs[..., None]).sum((2, 3)) / mass.clamp(min=1e-6)
     cy = (w * ys[..., None]).sum((2, 3)) / mass.clamp(min=1e-6)
     seen = mass > 0.5                                                      # a blob's worth
@@ -141,7 +153,8 @@ def speed(video):
 
 
 MEASURES = {"palette_err": palette_error, "saturation": saturation, "brightness": brightness,
-            "foreground": foreground, "sharpness": sharpness, "speed": speed, "flicker": flicker}
+            "foreground": foreground, "sharpness": sharpness, "colours": colours, "speed": speed,
+            "flicker": flicker}
 
 
 def segment_means(per_frame, segments: int = 5):
@@ -322,7 +335,7 @@ def main(argv=None):
 # Benchmark: python sample.py bench  (prints a table; asserts nothing about time)
 # ------------------------------------------------------------------------------------------------
 
-def _timed(fn, threads: int, K: int, repeats: int):
+def _timed(fn, threads: int, K: int, repeats: int, dev=torch.device("cpu")):
     """Best-of-`repeats` wall time of fn() with `threads` intra-op threads, and the time at which
     block 0 came out finished (its cell at the last step), via a wrapper around hiar.cell."""
     import time
@@ -333,14 +346,17 @@ def _timed(fn, threads: int, K: int, repeats: int):
     def first_block_cell(ctx, x, n, j, *a, **kw):
         out = real_cell(ctx, x, n, j, *a, **kw)
         if n == 0 and j == K - 1 and stamp["first"] is None:
+            _sync(dev)
             stamp["first"] = time.perf_counter() - stamp["t0"]
         return out
     hiar.cell = first_block_cell
     try:
         fn()                                                            # warm-up
         for _ in range(repeats):
+            _sync(dev)
             stamp.update(t0=time.perf_counter(), first=None)
             fn()
+            _sync(dev)
             total = time.perf_counter() - stamp["t0"]
             if best is None or total < best[0]:
                 best = (total, stamp["first"])
@@ -354,9 +370,9 @@ def _probe(args):
     import json
     import resource
     import time
-    cfg = hiar.Config.preset(args.preset)
-    model = hiar.VideoDiT(cfg).eval()
-    noise = hiar.noise_bank(cfg, args.batch, args.frames, torch.Generator().manual_seed(0))
+    cfg, dev = hiar.Config.preset(args.preset), torch.device(args.device)
+    model = hiar.VideoDiT(cfg).eval().to(dev)
+    noise = hiar.noise_bank(cfg, args.batch, args.frames, torch.Generator().manual_seed(0), dev)
     held, real_append = [0], hiar.KVCache.append
 
     def spy(self, layer, k, v, frame):
@@ -365,13 +381,21 @@ def _probe(args):
     hiar.KVCache.append = spy
     fn = {"block": hiar.sample_block_major, "step": hiar.sample_step_major}[args.sampler]
     with torch.no_grad():
-        fn(model, noise[:, :1])                                         # warm-up
+        fn(model, noise[:, :cfg.frames // cfg.block])                  # warm-up: 1x length
+        _sync(dev)
         t = time.perf_counter()
         fn(model, noise)
+        _sync(dev)
         took = time.perf_counter() - t
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"per_frame_ms": 1000 * took / args.frames, "peak_rss_mb": rss,
+    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+    print(json.dumps({"per_frame_ms": 1000 * took / args.frames, "peak_mb": peak,
                       "cache_frames": held[0]}))
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
 def bench_main(argv=None):
@@ -384,6 +408,7 @@ def bench_main(argv=None):
     p.add_argument("--blocks", type=int, default=16, help="blocks per video (N)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="total CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--probe", nargs=2, metavar=("FRAMES", "SAMPLER"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.probe:
@@ -391,11 +416,12 @@ def bench_main(argv=None):
         return _probe(args)
     cfg = hiar.Config.preset(args.preset)
     torch.manual_seed(0)
-    model = hiar.VideoDiT(cfg).eval()                 # speed does not depend on the weights
+    dev = torch.device(args.device)
+    model = hiar.VideoDiT(cfg).eval().to(dev)         # speed does not depend on the weights
     K, N, T = cfg.K, args.blocks, args.threads
-    noise = hiar.noise_bank(cfg, args.batch, N * cfg.block, torch.Generator().manual_seed(0))
+    noise = hiar.noise_bank(cfg, args.batch, N * cfg.block, torch.Generator().manual_seed(0),
+                            dev)
     frames = N * cfg.block * args.batch
-    dev = "cpu" if noise.device.type == "cpu" else str(noise.device)
     runs = [
         ("block-major, sequential", T, lambda: hiar.sample_block_major(model, noise)),
         ("step-major, sequential", T, lambda: hiar.sample_step_major(model, noise)),
@@ -413,7 +439,7 @@ def bench_main(argv=None):
         ("step-major, sequential, fused, 1 thread", 1,
          lambda: hiar.sample_step_major(model, noise, fused=True)),
     ]
-    print(f"# sample.py bench: preset {args.preset}, {dev}, batch {args.batch}, N={N} blocks of "
+    print(f"# sample.py bench: preset {args.preset}, {dev.type}, batch {args.batch}, N={N} blocks of "
           f"{cfg.block} frames, K={K}, best of {args.repeats}\n")
     print("| sampler | threads | frames/s | time to first block (s) | vs block-major |")
     print("|---|---|---|---|---|")
@@ -421,7 +447,7 @@ def bench_main(argv=None):
     threads_before = torch.get_num_threads()
     with torch.no_grad():
         for name, threads, fn in runs:
-            total, first = _timed(fn, threads, K, args.repeats)
+            total, first = _timed(fn, threads, K, args.repeats, dev)
             res[name] = total
             print(f"| {name} | {threads} | {frames / total:.1f} | {first:.3f} | "
                   f"{res[runs[0][0]] / total:.2f}x |", flush=True)
@@ -434,20 +460,21 @@ def bench_main(argv=None):
           f"{100 * eff_f / ideal:.0f}% of ideal")
     print(f"pipelined step-major (fused, S=2) over block-major sequential, {T} threads: "
           f"{res[runs[0][0]] / res[runs[5][0]]:.2f}x")
-    print("\n| sampler | video length | per-frame time (ms) | peak RSS (MB) | KV cache (frames) |")
+    mem = "peak CUDA memory (MB)" if dev.type == "cuda" else "peak RSS (MB)"
+    print(f"\n| sampler | video length | per-frame time (ms) | {mem} | KV cache (frames) |")
     print("|---|---|---|---|---|")
     per = {}
     for sampler in ("block", "step"):
         for mult in (1, 10):
             out = subprocess.run([sys.executable, __file__, "bench", "--preset", args.preset,
-                                  "--batch", str(args.batch), "--probe",
+                                  "--batch", str(args.batch), "--device", args.device, "--probe",
                                   str(mult * cfg.frames), sampler],
                                  capture_output=True, text=True, check=True,
                                  env={**os.environ, "OMP_NUM_THREADS": str(T)})
             r = json.loads(out.stdout.strip().splitlines()[-1])
             per[sampler, mult] = r["per_frame_ms"]
             print(f"| {sampler}-major | {mult}x ({mult * cfg.frames} frames) | "
-                  f"{r['per_frame_ms']:.2f} | {r['peak_rss_mb']:.0f} | {r['cache_frames']} |",
+                  f"{r['per_frame_ms']:.2f} | {r['peak_mb']:.0f} | {r['cache_frames']} |",
                   flush=True)
     for sampler in ("block", "step"):
         print(f"{sampler}-major per-frame time at 10x / 1x: "

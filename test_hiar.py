@@ -724,3 +724,12 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci = (HERE / ".ci" / "run").read_text()
     cmd = 'python3 -m pytest -q -m "slow or not slow"'
     assert cmd in readme and cmd in ci
+
+
+def test_colours_counts_distinct_palette_colours(long_data):
+    video, state = long_data
+    assert sample.colours(video).mean() == pytest.approx(hiar.Config.preset("toy").shapes, abs=0.1)
+    rgb = (video + 1) / 2
+    green = rgb.amax(2, keepdim=True) * hiar.PALETTE[1][None, None, :, None, None]
+    assert sample.colours(green * 2 - 1).mean() == pytest.approx(1.0, abs=0.05)  # all one colour
+    assert sample.colours(torch.full_like(video, -1)).max() == 0                 # black

@@ -33,10 +33,13 @@ ROWS = [
     ("HiAR, context clean (inference only)", "hiar", "step", "clean"),
     ("HiAR, context t_j (trained and sampled)", "hiar_ctx_current", "step", "current"),
     ("HiAR, context clean (trained and sampled)", "hiar_ctx_clean", "step", "clean"),
+    ("Self-Forcing-style, 4x DMD batch (GPU)", "self_forcing_batch32", "block", "next"),
+    ("HiAR, 4x DMD batch (GPU)", "hiar_batch32", "step", "next"),
     ("Self-Forcing student sampled step-major", "self_forcing", "step", "next"),
     ("HiAR student sampled block-major", "hiar", "block", "next"),
 ]
-SHOW = ["palette_err", "saturation", "brightness", "foreground", "sharpness", "speed", "flicker"]
+SHOW = ["palette_err", "saturation", "brightness", "foreground", "sharpness", "colours", "speed",
+        "flicker"]
 
 
 def per_frame_curves(video, frames_per_point: int = 6):
@@ -132,7 +135,7 @@ def plot_curves(curves: dict, path: Path):
     except ImportError:
         print("matplotlib missing (pip install -r requirements-notebooks.txt): no figure")
         return
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    fig, axes = plt.subplots(3, 3, figsize=(15, 10))
     for ax, name in zip(axes.flat, SHOW):
         for label, c in curves.items():
             style = "k--" if label == "ground-truth data" else "-"
