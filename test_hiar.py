@@ -1,12 +1,20 @@
 """Tests for hiar.py: known answers (causality, equivalence of fast paths and references,
 determinism, pass counts, physics), on the tiny `smoke` preset."""
-import math
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import hiar
+import sample
+import train_toy
 
+HERE = Path(__file__).resolve().parent
 SAMPLERS = [hiar.sample_block_major, hiar.sample_step_major]
 
 
@@ -61,6 +69,14 @@ def test_config_validation_names_field_value_and_rule(field, value, words):
         hiar.Config.preset("smoke", **{field: value})
     msg = str(e.value)
     assert f"Config.{field}={value!r}" in msg and words in msg
+
+
+def test_import_hiar_loads_only_torch_and_the_standard_library():
+    code = ("import sys; import torch; before = set(sys.modules); import hiar; "
+            "print(sorted({m.split('.')[0] for m in set(sys.modules) - before}))")
+    new = eval(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True, cwd=HERE).stdout)
+    assert all(m == "hiar" or m in sys.stdlib_module_names or m == "torch" for m in new), new
 
 
 def test_config_presets_roundtrip_and_unknowns():
@@ -394,14 +410,12 @@ def test_pipeline_schedule_respects_dependencies(N, K, S):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_single_process(tmp_path):
-    import subprocess
-    import sys
     cfg = hiar.Config.preset("smoke")
     ckpt = tmp_path / "m.pt"
     torch.save({"config": cfg.to_dict(), "model": random_model(cfg).state_dict()}, ckpt)
     # (torchrun takes "--num" for its own --numa-binding, so -n)
     common = [f"--ckpt={ckpt}", "--frames=12", "-n", "2", "--gif=", "--seed=3"]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "sample.py", *common, "--sampler", "step",
                     "--pt", str(tmp_path / "one.pt")], check=True, env=env, capture_output=True)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -479,7 +493,6 @@ def test_teacher_ode_keeps_states_at_requested_levels(cfg):
 # Drift metrics (sample.py): known answers
 # ------------------------------------------------------------------------------------------------
 
-import sample  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -559,16 +572,8 @@ def test_flicker_sees_alternating_brightness(long_data):
 # train_toy.py: run directory, resume, failures; sample.py command line
 # ------------------------------------------------------------------------------------------------
 
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-import train_toy  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 
 
 def run_cli(*args, timeout=300):
@@ -671,7 +676,7 @@ def test_killed_run_resumes_when_rerun(tmp_path):
     assert 0 < killed_at < 400
     r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert f"resuming from step" in r.stdout
+    assert "resuming from step" in r.stdout
     assert torch.load(ck, weights_only=True)["done"]
     assert torch.load(tmp_path / "hiar.pt", weights_only=True)["done"]
 
@@ -733,3 +738,22 @@ def test_colours_counts_distinct_palette_colours(long_data):
     green = rgb.amax(2, keepdim=True) * hiar.PALETTE[1][None, None, :, None, None]
     assert sample.colours(green * 2 - 1).mean() == pytest.approx(1.0, abs=0.05)  # all one colour
     assert sample.colours(torch.full_like(video, -1)).max() == 0                 # black
+
+
+# ------------------------------------------------------------------------------------------------
+# Notebooks: executed top to bottom (a failing cell fails the test)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["samplers", "drift", "losses"])
+def test_notebook_runs_top_to_bottom(name):
+    import nbclient                     # the notebook extra (requirements-notebooks.txt)
+    import nbformat
+    nb = nbformat.read(HERE / "notebooks" / f"{name}.ipynb", as_version=4)
+    t = time.time()
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(HERE / "notebooks")}}).execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert not errors
+    print(f"{name}.ipynb: {time.time() - t:.0f} s")

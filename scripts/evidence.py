@@ -32,7 +32,6 @@ ROWS = [
     ("HiAR, context t_j (inference only)", "hiar", "step", "current"),
     ("HiAR, context clean (inference only)", "hiar", "step", "clean"),
     ("HiAR, context t_j (trained and sampled)", "hiar_ctx_current", "step", "current"),
-    ("HiAR, context clean (trained and sampled)", "hiar_ctx_clean", "step", "clean"),
     ("Self-Forcing-style, 4x DMD batch (GPU)", "self_forcing_batch32", "block", "next"),
     ("HiAR, 4x DMD batch (GPU)", "hiar_batch32", "step", "next"),
     ("Self-Forcing student sampled step-major", "self_forcing", "step", "next"),
