@@ -58,8 +58,18 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=96)
     p.add_argument("--out", default=str(ROOT / "docs"))
     p.add_argument("--rows", default=None, help="comma-separated row indices to run (default all)")
+    p.add_argument("--table-only", action="store_true",
+                   help="rebuild docs/evidence.md from docs/evidence.json without sampling")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.table_only:
+        ev = json.loads((out / "evidence.json").read_text())
+        a = ev["args"]
+        table = markdown_table(ev["results"], len(a["seeds"]), a["num"], a["frames"])
+        (out / "evidence.md").write_text(table)
+        print(table)
+        plot_curves(ev["curves"], out / "drift_curves.png")
+        return
     out.mkdir(parents=True, exist_ok=True)
     rows = ROWS if args.rows is None else [ROWS[int(i)] for i in args.rows.split(",")]
     models = {}
@@ -111,16 +121,32 @@ def main(argv=None):
     plot_curves(curves, out / "drift_curves.png")
 
 
+def summary(results: dict, label: str):
+    """Two numbers per sampling seed, over all measures m (paper-style normalised drift):
+    drift score = mean_m |drift_m| / data level_m, quality gap = mean_m |level_m − data_m| / data_m.
+    Returns (drift (seeds,), gap (seeds,))."""
+    data, res = results["ground-truth data"], results[label]
+    ref = {m: torch.tensor(data[m]["level"]).mean().abs() for m in SHOW}
+    drift = torch.stack([torch.tensor(res[m]["drift"]).abs() / ref[m] for m in SHOW]).mean(0)
+    gap = torch.stack([(torch.tensor(res[m]["level"]) - ref[m]).abs() / ref[m]
+                       for m in SHOW]).mean(0)
+    return drift, gap
+
+
 def markdown_table(results: dict, seeds: int, num: int, frames: int) -> str:
-    head = "| rollout | " + " | ".join(SHOW) + " |"
-    lines = [head, "|---" * (len(SHOW) + 1) + "|"]
+    head = "| rollout | drift score | quality gap | " + " | ".join(SHOW) + " |"
+    lines = [head, "|---" * (len(SHOW) + 3) + "|"]
     for label, res in results.items():
-        cells = []
+        drift, gap = summary(results, label)
+        cells = [f"**{drift.mean():.3f}**±{drift.std():.3f}", f"{gap.mean():.2f}±{gap.std():.2f}"]
         for name in SHOW:
             lv, dr = torch.tensor(res[name]["level"]), torch.tensor(res[name]["drift"])
             cells.append(f"{lv.mean():.3f} / {dr.mean():+.4f}±{dr.std():.4f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append(f"\nEach cell: level (mean over the video) / drift (slope per segment, "
+    lines.append("\nDrift score: mean over the measures of |drift| / the data's level (lower: "
+                 "flatter); quality gap: mean over the measures of |level − data| / data (lower: "
+                 "closer to the data).")
+    lines.append(f"Each measure's cell: level (mean over the video) / drift (slope per segment, "
                  f"5 segments) "
                  f"± std over {seeds} sampling seeds; {num} videos of {frames} frames per seed.")
     return "\n".join(lines) + "\n"
@@ -136,9 +162,11 @@ def plot_curves(curves: dict, path: Path):
         return
     fig, axes = plt.subplots(3, 3, figsize=(15, 10))
     for ax, name in zip(axes.flat, SHOW):
-        for label, c in curves.items():
-            style = "k--" if label == "ground-truth data" else "-"
-            ax.plot(c[name], style, label=label, lw=1.2)
+        for i, (label, c) in enumerate(curves.items()):
+            if label == "ground-truth data":
+                ax.plot(c[name], "k--", label=label, lw=1.5)
+            else:
+                ax.plot(c[name], "-", color=plt.cm.tab20(i % 20), label=label, lw=1.2)
         ax.set_title(name)
         ax.set_xlabel("frame / 6")
     axes.flat[-1].axis("off")
