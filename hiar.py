@@ -20,8 +20,9 @@ Map of this file, in reading order (section banners mirror it):
   8. Pipelined         the step-major wavefront on S threads or S processes
   9. Losses            flow matching, teacher ODE, DMD (reverse KL), forward KL (Eq. 10-11)
 
-Time convention, used everywhere: σ ∈ [0, 1], x_σ = (1 − σ)·x0 + σ·ε; σ = 1 is pure noise,
-σ = 0 is clean data. The network predicts the velocity v = ε − x0, so x0_hat = x_σ − σ·v_hat.
+Time convention, used everywhere: σ ∈ [0, 1], x_σ = (1 − σ)·x0 + σ·ε;
+σ = 1 is pure noise, σ = 0 is clean data. The network predicts the velocity
+v = ε − x0, so x0_hat = x_σ − σ·v_hat.
 """
 from __future__ import annotations
 
@@ -206,13 +207,13 @@ def shift_sigma(s, shift: float):
 
 
 def student_sigmas(K: int, shift: float) -> list[float]:
-    """The student's levels σ_0 > … > σ_{K−1}, plus σ_K = 0 (the output). For K = 4 and shift 5
+    """The student's levels σ_0 > ... > σ_{K-1}, plus σ_K = 0 (the output). For K = 4, shift 5
     this is t ∈ [1000, 750, 500, 250] warped: σ ≈ [1.0, 0.9375, 0.833, 0.625], then 0."""
     return [float(shift_sigma(1 - j / K, shift)) for j in range(K)] + [0.0]
 
 
 def add_noise(x0, eps, sigma):
-    """x_σ = (1 − σ)·x0 + σ·ε; `sigma` is a float or broadcasts against x0, e.g. (B, T, 1, 1, 1)."""
+    """x_σ = (1 − σ)·x0 + σ·ε; `sigma`: a float or broadcastable, e.g. (B, T, 1, 1, 1)."""
     return (1 - sigma) * x0 + sigma * eps
 
 
@@ -238,7 +239,7 @@ def frame_sigma(sigma, B: int, T: int, device=None) -> torch.Tensor:
 def attention_mask(q_frames, k_frames, block: int, window: int, causal: bool):
     """Which key frames each query frame may attend to, (Lq, Lk) bool from absolute frame indices.
 
-    Block-causal (student): a query in block m sees keys in blocks ≤ m, and — the rolling window —
+    Block-causal (student): a query in block m sees keys in blocks <= m, and (rolling window)
     only keys at most `window − block` frames before the start of its own block, so a block never
     sees more than `window` frames in all (its own included). Full (teacher): None = everything.
     """
@@ -406,10 +407,10 @@ class VideoDiT(nn.Module):
 # ================================================================================================
 # 5. Sampler pieces: noise bank, context, cell
 # ================================================================================================
-# Both orders run the same cells. Cell (n, j) denoises block n from σ_j: x0_hat = x − σ_j·v_hat,
+# Both orders run the same cells. Cell (n, j) denoises block n from σ_j: x0_hat = x - σ_j v_hat,
 # then re-noises x0_hat to σ_{j+1} with fresh noise (SDE-style few-step sampling, as Self-Forcing).
 # All randomness comes from one noise bank ε[j, n] (K, N, B, b, 3, H, W): ε[0, n] is block n's
-# starting noise, ε[j, n] (j ≥ 1) re-noises it to σ_j. So every order (and the pipeline) consumes
+# starting noise, ε[j, n] (j >= 1) re-noises it to σ_j. So every order (and the pipeline) uses
 # identical randomness and can be compared on the same draw.
 
 def noise_bank(cfg: Config, batch: int, frames: int, generator=None, device=None, K=None):
@@ -453,7 +454,7 @@ class Context:
                               window=self.window)[:, b:]
         if self.cache is not None:
             return self.model(x, sigma, frame0=n * b, cache=self.cache, window=self.window)
-        xs = torch.cat(self.xs + [x], 1)                                        # (B, ≤(n+1)b, …)
+        xs = torch.cat(self.xs + [x], 1)                                 # (B, up to (n+1)b, ...)
         s = torch.cat(self.sigmas + [frame_sigma(sigma, B, b, x.device)], 1)
         return self.model(xs, s, frame0=(n + 1) * b - xs.shape[1], window=self.window)[:, -b:]
 
@@ -701,7 +702,7 @@ def sample_train_sigma(B: int, generator=None, device=None):
 
 
 def flow_loss(model, x0, sigma, eps, causal: bool = False):
-    """Flow matching (rectified flow): ‖v_θ(x_σ, σ) − (ε − x0)‖², x_σ = (1 − σ)x0 + σε.
+    """Flow matching (rectified flow): L = ‖v_θ(x_σ, σ) − (ε − x0)‖², x_σ as above.
     Trains the teacher (full attention) and the DMD critic (the fake score). sigma: (B,)."""
     x_t = add_noise(x0, eps, sigma[:, None, None, None, None])
     return F.mse_loss(model(x_t, sigma, causal=causal), eps - x0)
@@ -730,8 +731,10 @@ def dmd_loss(x0, teacher: VideoDiT, critic: VideoDiT, shift: float = 5.0, genera
         x_σ = (1 − σ)·x0 + σ·ε,   t ~ U[0.02, 0.98],  σ = shift(t),
     read the clean-video predictions of the real score (frozen teacher) and the fake score
     (critic), and step x0 along their difference, normalised per video:
-        grad = (x0_fake − x0_real) / mean|x0 − x0_real|,   L = ½ · ‖x0 − sg(x0 − grad)‖².
-    So ∂L/∂x0 ∝ grad: x0 moves toward where the teacher's distribution is denser than the student's.
+        grad = (x0_fake − x0_real) / mean|x0 − x0_real|,
+        L = ½ · ‖x0 − sg(x0 − grad)‖².
+    So ∂L/∂x0 ∝ grad: x0 moves to where the teacher's distribution is denser than the
+    student's.
     x0 (B, T, 3, H, W) carries the generator's gradient; both score models are bidirectional."""
     B = x0.shape[0]
     with torch.no_grad():
@@ -747,14 +750,16 @@ def dmd_loss(x0, teacher: VideoDiT, critic: VideoDiT, shift: float = 5.0, genera
 
 def chord_x0(x_a, x_b, sigma_a: float, sigma_b: float):
     """The x0 that carries x_a (at σ_a) to x_b (at σ_b) along a straight line: extrapolate the
-    chord of the teacher's trajectory to σ = 0. x0 = x_a − σ_a · (x_a − x_b) / (σ_a − σ_b)."""
+    chord of the teacher's trajectory to σ = 0:
+        x0 = x_a − σ_a · (x_a − x_b) / (σ_a − σ_b)."""
     return x_a - sigma_a * (x_a - x_b) / (sigma_a - sigma_b)
 
 
 def fkl_loss(student: VideoDiT, x_start, x0_target, sigma0: float = 1.0,
              bidirectional: bool = True):
     """Forward-KL regulariser (paper Eq. 10-11): regress the student's *first* denoising step
-    (σ_0, pure noise) onto the teacher's ODE trajectory, L_FKL = ‖x0_θ(x_{σ_0}) − x0_ODE‖².
+    (σ_0, pure noise) onto the teacher's ODE trajectory:
+        L_FKL = ‖x0_θ(x_{σ_0}) − x0_ODE‖².
     The total generator loss is L = L_DMD + λ·L_FKL (λ = 0.1). The paper runs the student with
     bidirectional attention here; the official code keeps the block-causal mask (`False`).
     x_start, x0_target (B, T, 3, H, W)."""

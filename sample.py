@@ -99,7 +99,7 @@ def brightness(video):
 
 
 def foreground(video):
-    """Fraction of foreground pixels per frame — the shapes' total area (conserved in the data)."""
+    """Fraction of foreground pixels per frame: the shapes' total area (conserved in the data)."""
     return (_rgb(video).amax(-1) > FG).float().mean((-1, -2))
 
 
@@ -439,7 +439,8 @@ def bench_main(argv=None):
         ("step-major, sequential, fused, 1 thread", 1,
          lambda: hiar.sample_step_major(model, noise, fused=True)),
     ]
-    print(f"# sample.py bench: preset {args.preset}, {dev.type}, batch {args.batch}, N={N} blocks of "
+    print(f"# sample.py bench: preset {args.preset}, {dev.type}, batch {args.batch}, "
+          f"N={N} blocks of "
           f"{cfg.block} frames, K={K}, best of {args.repeats}\n")
     print("| sampler | threads | frames/s | time to first block (s) | vs block-major |")
     print("|---|---|---|---|---|")

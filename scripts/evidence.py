@@ -123,7 +123,8 @@ def main(argv=None):
 
 def summary(results: dict, label: str):
     """Two numbers per sampling seed, over all measures m (paper-style normalised drift):
-    drift score = mean_m |drift_m| / data level_m, quality gap = mean_m |level_m − data_m| / data_m.
+    drift score = mean_m |drift_m| / data level_m,
+    quality gap = mean_m |level_m − data_m| / data_m.
     Returns (drift (seeds,), gap (seeds,))."""
     data, res = results["ground-truth data"], results[label]
     ref = {m: torch.tensor(data[m]["level"]).mean().abs() for m in SHOW}
