@@ -431,7 +431,8 @@ def test_torchrun_two_processes_equal_single_process(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def test_dmd_loss_gradient_is_the_normalised_score_difference(cfg):
-    """The DMD update, per video: dL/dx0 = (x0_fake − x0_real) / (mean|x0 − x0_real| · numel)."""
+    """The DMD update, per video:
+    dL/dx0 = (x0_fake − x0_real) / (mean|x0 − x0_real| · numel)."""
     teacher, critic = random_model(cfg, 1), random_model(cfg, 2)
     x0 = torch.randn(2, cfg.frames, 3, cfg.size, cfg.size, requires_grad=True)
     torch.manual_seed(7)                                   # ε comes from the global generator
