@@ -506,7 +506,7 @@ def sample_block_major(model: VideoDiT, noise, context_t: str = "clean", exit_st
     signature; block-major context is always clean (that is the point of comparison).
 
     noise (K, N, B, b, 3, H, W) from noise_bank → video (B, N·b, 3, H, W) in [-1, 1] (x0_hat).
-    Training (self-rollout, §4): `exit_step` j* stops every block at step j*; only that step's
+    Training (self-rollout distillation): `exit_step` j* stops every block at step j*; only that step's
     prediction carries gradient (if grad is enabled by the caller).
     """
     K, N, J = _check_sampler_args(model, noise, context_t, exit_step)
@@ -726,7 +726,7 @@ def teacher_ode(teacher: VideoDiT, eps, keep: list[float], steps: int = 48, shif
 
 
 def dmd_loss(x0, teacher: VideoDiT, critic: VideoDiT, shift: float = 5.0, generator=None):
-    """Distribution matching distillation — the reverse-KL gradient (paper §3.3, after DMD2 and
+    """Distribution matching distillation — the reverse-KL gradient (the paper's reverse-KL term, after DMD2 and
     Self-Forcing). Diffuse the student's video to a random level,
         x_σ = (1 − σ)·x0 + σ·ε,   t ~ U[0.02, 0.98],  σ = shift(t),
     read the clean-video predictions of the real score (frozen teacher) and the fake score

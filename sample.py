@@ -59,7 +59,7 @@ def save_gif(path, frames: np.ndarray, fps: int = 8):
 
 
 # ------------------------------------------------------------------------------------------------
-# Drift metrics: toy ground truth instead of the paper's image-quality networks (paper §4.1:
+# Drift metrics: toy ground truth instead of the paper's image-quality networks (the paper's drift metric:
 # split a long video into 5 segments; drift of a measure = slope of a linear fit across them)
 # ------------------------------------------------------------------------------------------------
 

@@ -332,7 +332,7 @@ def rollout(student, cfg: hiar.Config, order: str, context_t: str, g, dev, exit_
 
 def train_dmd(run: Run, stage: str, teacher, init: hiar.VideoDiT, pairs: dict, order: str,
               fkl_weight: float, context_t: str) -> float:
-    """Self-rollout distillation (paper §3.3 and §4 of the notes): each generator update rolls out
+    """Self-rollout distillation (the paper's training recipe): each generator update rolls out
     a video with the student's own sampler, exits every block at one random step j* (no gradient
     before it, gradient only through step j*'s prediction), and follows the DMD gradient; the
     critic (fake score) learns the student's current distribution with the flow loss,
