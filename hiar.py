@@ -506,8 +506,8 @@ def sample_block_major(model: VideoDiT, noise, context_t: str = "clean", exit_st
     signature; block-major context is always clean (that is the point of comparison).
 
     noise (K, N, B, b, 3, H, W) from noise_bank → video (B, N·b, 3, H, W) in [-1, 1] (x0_hat).
-    Training (self-rollout distillation): `exit_step` j* stops every block at step j*; only that step's
-    prediction carries gradient (if grad is enabled by the caller).
+    Training (self-rollout distillation): `exit_step` j* stops every block at step j*; only that
+    step's prediction carries gradient (if grad is enabled by the caller).
     """
     K, N, J = _check_sampler_args(model, noise, context_t, exit_step)
     sigmas = student_sigmas(K, model.cfg.shift if shift is None else shift)
@@ -555,11 +555,18 @@ def sample_step_major(model: VideoDiT, noise, context_t: str = "next", exit_step
     for j in range(J + 1):                                          # Alg. 1, outer loop: steps
         ctx = Context(model, use_cache, window, fused)              # the cache is reset per step
         for n in range(N):                                          # inner loop: blocks
-            out[n], x_next = cell(ctx, x[n], n, j, sigmas, noise, grad and j == J)
-            xc, sc = context_input(context_t, x[n], out[n].detach(), x_next.detach(), sigmas, j)
-            ctx.write(xc, sc, n)
-            x[n] = x_next
+            out[n], x[n] = step_major_cell(ctx, x[n], n, j, sigmas, noise, context_t,
+                                           grad and j == J)
     return torch.cat(out, 1)
+
+
+def step_major_cell(ctx: Context, x, n: int, j: int, sigmas, noise, context_t: str,
+                    grad: bool = False):
+    """Cell (n, j) of Alg. 1: denoise block n at t_j, then write it into step j's cache at the
+    context level t_c for the blocks after it. Returns (x0_hat, x at σ_{j+1})."""
+    x0_hat, x_next = cell(ctx, x, n, j, sigmas, noise, grad)
+    ctx.write(*context_input(context_t, x, x0_hat.detach(), x_next.detach(), sigmas, j), n)
+    return x0_hat, x_next
 
 
 # ================================================================================================
@@ -572,7 +579,7 @@ def sample_step_major(model: VideoDiT, noise, context_t: str = "next", exit_step
 # N + S − 1 slots instead of N·S: ideal speed-up N·S / (N + S − 1).
 
 def step_groups(K: int, S: int) -> list[range]:
-    """Split steps 0..K−1 into S contiguous groups, as even as possible (earlier ones larger)."""
+    """Split steps 0..K−1 into S contiguous groups, as even as possible."""
     if not isinstance(S, int) or not 1 <= S <= K:
         raise ValueError(f"streams={S!r} is invalid: must be an integer in [1, K={K}]")
     edges = [round(s * K / S) for s in range(S + 1)]
@@ -597,9 +604,7 @@ def run_stage(model: VideoDiT, noise, steps: range, context_t: str, receive, sen
     for n in range(N):
         x = receive(n)
         for j in steps:
-            x0_hat, x_next = cell(ctxs[j], x, n, j, sigmas, noise)
-            ctxs[j].write(*context_input(context_t, x, x0_hat, x_next, sigmas, j), n)
-            x = x_next
+            x = step_major_cell(ctxs[j], x, n, j, sigmas, noise, context_t)[1]
         send(n, x)
 
 
@@ -726,7 +731,7 @@ def teacher_ode(teacher: VideoDiT, eps, keep: list[float], steps: int = 48, shif
 
 
 def dmd_loss(x0, teacher: VideoDiT, critic: VideoDiT, shift: float = 5.0, generator=None):
-    """Distribution matching distillation — the reverse-KL gradient (the paper's reverse-KL term, after DMD2 and
+    """Distribution matching distillation: the paper's reverse-KL term (after DMD2 and
     Self-Forcing). Diffuse the student's video to a random level,
         x_σ = (1 − σ)·x0 + σ·ε,   t ~ U[0.02, 0.98],  σ = shift(t),
     read the clean-video predictions of the real score (frozen teacher) and the fake score
