@@ -58,6 +58,8 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=96)
     p.add_argument("--out", default=str(ROOT / "docs"))
     p.add_argument("--rows", default=None, help="comma-separated row indices to run (default all)")
+    p.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints"),
+                   help="where the students are (e.g. another training seed's --ship folder)")
     p.add_argument("--table-only", action="store_true",
                    help="rebuild docs/evidence.md from docs/evidence.json without sampling")
     args = p.parse_args(argv)
@@ -94,12 +96,12 @@ def main(argv=None):
     record("ground-truth data", data)
     gif_rows["data"] = sample.to_uint8(data[0][:4])
     for label, ckpt, sampler, ctx in rows:
-        path = ROOT / "checkpoints" / f"{ckpt}.pt"
+        path = Path(args.ckpt_dir) / f"{ckpt}.pt"
         if not path.exists():
             print(f"skip {label}: {path} missing")
             continue
         if ckpt not in models:
-            models[ckpt] = sample.load_student(ckpt, "cpu")[0]
+            models[ckpt] = sample.load_student(str(path), "cpu")[0]
         model, videos = models[ckpt], []
         for seed in args.seeds:
             g = torch.Generator().manual_seed(seed)
