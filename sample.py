@@ -311,9 +311,8 @@ def main(argv=None):
     videos = {"data": data}
     with torch.no_grad():
         for s in samplers:
-            videos[f"{Path(args.ckpt).stem}: {s}-major" if s != "pipelined"
-                   else f"{Path(args.ckpt).stem}: pipelined"] = \
-                run_sampler(model, noise, s, args.context_t, args.streams).cpu()
+            label = f"{Path(args.ckpt).stem}: {s if s == 'pipelined' else s + '-major'}"
+            videos[label] = run_sampler(model, noise, s, args.context_t, args.streams).cpu()
     if distributed and dist.get_rank() != 0:
         return
     made = dict(zip(samplers, list(videos.values())[1:]))
