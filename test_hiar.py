@@ -666,7 +666,7 @@ def test_killed_run_resumes_when_rerun(tmp_path):
         if ck.exists():
             try:
                 c = torch.load(ck, weights_only=True)
-                if 20 <= c["step"] < 400 and not c["done"]:
+                if 20 <= c["step"] < 200 and not c["done"]:   # well before the end
                     break
             except Exception:
                 pass
