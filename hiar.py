@@ -9,16 +9,16 @@ block on its predecessors at the *same* noise level (the step's output level t_{
 carries enough for continuity without propagating confident errors (paper Alg. 1, Eq. 9).
 
 Map of this file, in reading order (section banners mirror it):
-  1. Config            one dataclass, named presets, validation
-  2. Toy data          moving Gaussian blobs with known physics
+  1. Config            data, model and sampler fields; named presets; validation
+  2. Toy data          moving Gaussian blobs whose appearance is drawn per clip; a label
   3. Schedule          flow matching, σ-shift, the student's K-step σ list
-  4. Model             a small video transformer: adaLN per frame, block-causal or full attention,
-                       temporal RoPE, KV cache with a rolling window
-  5. Sampler pieces    the noise bank, the context (KV cache or slow reference; fused pass), a cell
+  4. Model             a small video transformer: adaLN per frame, a label like a prompt,
+                       block-causal or full attention, temporal RoPE, KV cache, rolling window
+  5. Sampler pieces    per-video noise ε[j, n], the context (KV cache or slow reference)
   6. Block-major       the CausVid / Self-Forcing sampler
   7. Step-major        the HiAR sampler (paper Alg. 1, context level of Eq. 9 / Table 2)
   8. Pipelined         the step-major wavefront on S threads or S processes
-  9. Losses            flow matching, teacher ODE, DMD (reverse KL), forward KL (Eq. 10-11)
+  9. Losses            flow matching, teacher ODE with CFG, DMD (reverse KL), forward KL
 
 Time convention, used everywhere: σ ∈ [0, 1], x_σ = (1 − σ)·x0 + σ·ε;
 σ = 1 is pure noise, σ = 0 is clean data. The network predicts the velocity
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import queue
 import threading
 from dataclasses import asdict, dataclass, fields
 
@@ -40,74 +41,69 @@ import torch.nn.functional as F
 # ================================================================================================
 
 CONTEXT_LEVELS = ("current", "next", "clean")  # paper Table 2: t_c = t_j, t_{j+1}, 0
+SAMPLER_FIELDS = ("K", "shift", "window", "context_t")  # may differ between teacher and student
 
 
 @dataclass
 class Config:
-    # toy data: `shapes` Gaussian blobs of a palette colour on black, bouncing in a size×size box
+    """What defines the data, the network and the sampler. (The training budget lives in
+    train_toy.TrainConfig; a checkpoint stores both.)"""
+    # toy data: `shapes` Gaussian blobs on a tinted background, bouncing in a size×size box;
+    # every appearance attribute is drawn per clip from a continuous range (see moving_shapes)
     size: int = 16            # frame height = width, pixels
     frames: int = 12          # training length T (frames); the student's attention window default
     block: int = 3            # frames per AR block (paper: 3 latent frames)
     shapes: int = 2           # blobs per video
-    blob_sigma: tuple = (1.3, 1.8)   # blob radius range (Gaussian std, pixels)
+    blob_sigma: tuple = (1.2, 2.0)   # blob radius range (Gaussian std, pixels)
     speed: tuple = (0.4, 0.9)        # speed range (pixels per frame)
+    saturation: tuple = (0.5, 1.0)   # blob HSV saturation range
+    value: tuple = (0.6, 1.0)        # blob HSV value (brightness) range
+    background: tuple = (0.0, 0.3)   # background level range, drawn per RGB channel (a tint)
+    labels: int = 4           # colour families, the clip's condition (0: unconditional toy)
     # model
     patch: int = 4            # patch side; tokens per frame = (size / patch)^2
     dim: int = 128
     depth: int = 4
     heads: int = 4
-    # schedule / sampling
+    # sampler
     K: int = 4                # student denoising steps (paper: 4)
     shift: float = 5.0        # σ-shift of the student's step list (paper: 5)
     window: int = 0           # rolling attention window, frames incl. the current block (0: frames)
     context_t: str = "next"   # context level of the step-major sampler: current | next | clean
-    # training budget (used by train_toy.py; kept here so a checkpoint carries its whole recipe)
-    batch: int = 32
-    teacher_steps: int = 6000
-    teacher_lr: float = 1e-3
-    ode_pairs: int = 512
-    ode_steps: int = 48       # teacher Euler steps for ODE pairs (official: 48, shift 8)
-    ode_shift: float = 8.0
-    init_steps: int = 1500
-    init_lr: float = 3e-4
-    dmd_steps: int = 400
-    dmd_batch: int = 8
-    gen_lr: float = 2e-5
-    critic_lr: float = 4e-5
-    critic_ratio: int = 3     # critic updates per generator update (paper: 5)
-    fkl_weight: float = 0.1   # λ of Eq. 11 (paper: 0.1); 0 turns the forward-KL term off
-    fkl_mode: str = "bidirectional"  # student attention in the FKL term: bidirectional | causal
-    ema: float = 0.99
-    ema_start: int = 100
-    sample_frames: int = 96   # long-rollout length for GIFs and metrics (8× the training length)
-    ckpt_every: int = 100     # training steps between checkpoints (DMD: a fifth of it)
 
     def __post_init__(self):
         def need(ok, name, allowed):
             if not ok:
                 raise ValueError(f"Config.{name}={getattr(self, name)!r} is invalid: {allowed}")
-        for name in ("size", "frames", "block", "shapes", "patch", "dim", "depth", "heads", "K",
-                     "batch", "dmd_batch", "critic_ratio", "sample_frames", "ckpt_every"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
+        for name in ("size", "frames", "block", "shapes", "patch", "dim", "depth", "heads", "K"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name,
                  "must be an integer >= 1")
+        need(isinstance(self.labels, int) and self.labels >= 0, "labels",
+             "must be an integer >= 0")
         need(self.frames % self.block == 0, "frames", f"must be a multiple of block={self.block}")
         need(self.size % self.patch == 0, "patch", f"must divide size={self.size}")
         need(self.dim % self.heads == 0 and (self.dim // self.heads) % 2 == 0, "heads",
              f"must divide dim={self.dim} into an even head size (RoPE rotates pairs)")
-        need(self.window >= 0 and self.window % self.block == 0, "window",
-             f"must be 0 (= frames) or a positive multiple of block={self.block}")
+        need(isinstance(self.window, int) and self.window >= 0 and self.window % self.block == 0,
+             "window", f"must be 0 (= frames) or a positive multiple of block={self.block}")
+        need(self.window == 0 or self.window > self.block, "window",
+             f"must leave room for context: > block={self.block}")
         need(self.context_t in CONTEXT_LEVELS, "context_t", f"must be one of {CONTEXT_LEVELS}")
-        need(self.fkl_mode in ("bidirectional", "causal"), "fkl_mode",
-             "must be 'bidirectional' or 'causal'")
-        need(self.shift > 0, "shift", "must be > 0")
-        need(self.ode_shift > 0, "ode_shift", "must be > 0")
-        need(self.fkl_weight >= 0, "fkl_weight", "must be >= 0")
-        need(0 <= self.ema < 1, "ema", "must be in [0, 1)")
-        for name in ("blob_sigma", "speed"):
-            lo, hi = getattr(self, name)
-            need(0 < lo <= hi, name, "must be a (low, high) pair with 0 < low <= high")
+        need(isinstance(self.shift, (int, float)) and self.shift > 0, "shift", "must be > 0")
+        ranges = {"blob_sigma": (0, None), "speed": (0, None), "saturation": (0, 1),
+                  "value": (0, 1), "background": (0, 1)}
+        for name, (floor, ceil) in ranges.items():
+            r = getattr(self, name)
+            ok = (isinstance(r, (tuple, list)) and len(r) == 2
+                  and all(isinstance(x, (int, float)) for x in r) and r[0] <= r[1]
+                  and r[0] >= floor and (name not in ("blob_sigma", "speed") or r[0] > 0)
+                  and (ceil is None or r[1] <= ceil))
+            need(ok, name, f"must be a (low, high) pair with {floor} "
+                 f"{'<' if name in ('blob_sigma', 'speed') else '<='} low <= high"
+                 + (f" <= {ceil}" if ceil is not None else ""))
+            setattr(self, name, tuple(float(x) for x in r))
         need(self.blob_sigma[1] * 2 < self.size, "blob_sigma", f"must be < size/2={self.size / 2}")
-        self.blob_sigma, self.speed = tuple(self.blob_sigma), tuple(self.speed)
 
     @property
     def window_frames(self) -> int:
@@ -136,21 +132,27 @@ class Config:
 
 
 PRESETS = {
-    # tiny, for tests: a forward pass in milliseconds, every training stage in seconds
-    "smoke": dict(size=8, frames=6, block=2, patch=4, dim=32, depth=2, heads=2, K=2, batch=4,
-                  blob_sigma=(1.0, 1.5), teacher_steps=30, ode_pairs=8, ode_steps=6, init_steps=10,
-                  dmd_steps=4, dmd_batch=2, critic_ratio=2, ema_start=2, sample_frames=12,
-                  ckpt_every=5),
+    # tiny, for tests: a forward pass in milliseconds
+    "smoke": dict(size=8, frames=6, block=2, patch=4, dim=32, depth=2, heads=2, K=2, labels=2,
+                  blob_sigma=(1.0, 1.5)),
     # the default of train_toy.py: 16×16 RGB, 12 frames = 4 blocks of 3, ~1.2M parameters
     "toy": dict(),
 }
 
 # ================================================================================================
-# 2. Toy data: moving shapes with known physics
+# 2. Toy data: moving shapes with known physics and per-clip appearance
 # ================================================================================================
+# Everything that persists within a clip — each blob's hue, saturation, brightness and size, and
+# the background's tint — is drawn per clip from a continuous range. So a model can get block n
+# right only by copying its appearance from the context: the toy's stand-in for the identity,
+# style and lighting that a real video model must carry from block to block. The label (like a
+# prompt) fixes the colour family: blob hues lie within ±1/(2·labels) of turn label/labels.
 
-# Saturated palette (RGB in [0, 1]); the background is black. Metrics compare against these.
-PALETTE = torch.tensor([[1.0, 0.1, 0.1], [0.1, 1.0, 0.1], [0.2, 0.4, 1.0], [1.0, 0.9, 0.1]])
+
+def hsv_to_rgb(h, s, v):
+    """HSV (hue in turns, saturation, value in [0, 1]; any equal shapes) → RGB (…, 3)."""
+    k = torch.stack([(5 + 6 * h) % 6, (3 + 6 * h) % 6, (1 + 6 * h) % 6], -1)    # (…, 3)
+    return v[..., None] - (v * s)[..., None] * (torch.minimum(k, 4 - k).clamp(0, 1))
 
 
 def _bounce(p0, v, t, lo, hi):
@@ -165,36 +167,65 @@ def _bounce(p0, v, t, lo, hi):
 
 
 def moving_shapes(cfg: Config, batch: int, generator: torch.Generator | None = None,
-                  frames: int | None = None):
-    """Draw `batch` videos of Gaussian blobs bouncing off the walls.
+                  frames: int | None = None, label=None):
+    """Draw `batch` videos of Gaussian blobs bouncing off the walls of a tinted box.
 
-    Returns (video, state): video (B, T, 3, H, W) in [-1, 1]; state holds the true physics:
-    pos, vel (B, T, S, 2) as (x, y) in pixels, radius (B, S), colour_id (B, S), colour (B, S, 3).
+    label: None (each clip draws its own), an int, or a (B,) tensor of colour families.
+    Returns (video, state): video (B, T, 3, H, W) in [-1, 1]; state holds the ground truth of every
+    attribute per frame: pos, vel (B, T, S, 2) as (x, y) in pixels; radius, hue, saturation, value
+    (B, T, S); colour (B, T, S, 3) and background (B, T, 3) as RGB in [0, 1]; label (B,).
     """
     T = cfg.frames if frames is None else frames
     if not isinstance(T, int) or T < 1:
         raise ValueError(f"frames={T!r} is invalid: must be an integer >= 1")
-    B, S, H = batch, cfg.shapes, cfg.size
-    g = generator
-    r_lo, r_hi = cfg.blob_sigma
-    radius = r_lo + (r_hi - r_lo) * torch.rand(B, S, generator=g)                  # (B, S)
-    lo, hi = radius[..., None], H - 1 - radius[..., None]       # walls keep the core inside
-    p0 = lo + (hi - lo) * torch.rand(B, S, 2, generator=g)     # (B, S, 2)
-    speed = cfg.speed[0] + (cfg.speed[1] - cfg.speed[0]) * torch.rand(B, S, 1, generator=g)
+    B, S, H, g = batch, cfg.shapes, cfg.size, generator
+
+    def uniform(rng, *shape):
+        return rng[0] + (rng[1] - rng[0]) * torch.rand(*shape, generator=g)
+
+    label = check_label(cfg, label, B)
+    if label is None:
+        label = (torch.randint(max(cfg.labels, 1), (B,), generator=g) if cfg.labels
+                 else torch.full((B,), -1))
+    offset = torch.rand(B, S, generator=g) - 0.5
+    hue = (label[:, None] + offset) / cfg.labels % 1 if cfg.labels else offset + 0.5   # (B, S)
+    sat, val = uniform(cfg.saturation, B, S), uniform(cfg.value, B, S)
+    colour = hsv_to_rgb(hue, sat, val)                                            # (B, S, 3)
+    background = uniform(cfg.background, B, 3)                                    # (B, 3)
+    radius = uniform(cfg.blob_sigma, B, S)                                        # (B, S)
+    lo, hi = radius[..., None], H - 1 - radius[..., None]      # walls keep the core inside
+    p0 = lo + (hi - lo) * torch.rand(B, S, 2, generator=g)    # (B, S, 2)
     angle = 2 * math.pi * torch.rand(B, S, 1, generator=g)
-    v0 = speed * torch.cat([angle.cos(), angle.sin()], -1)     # (B, S, 2)
-    colour_id = torch.stack([torch.randperm(len(PALETTE), generator=g)[:S] for _ in range(B)])
-    colour = PALETTE[colour_id]                                 # (B, S, 3)
-    t = torch.arange(T, dtype=torch.float32)[None, :, None, None]     # (1, T, 1, 1)
-    pos, vel = _bounce(p0[:, None], v0[:, None], t, lo[:, None], hi[:, None])  # (B, T, S, 2)
+    v0 = uniform(cfg.speed, B, S, 1) * torch.cat([angle.cos(), angle.sin()], -1)  # (B, S, 2)
+    t = torch.arange(T, dtype=torch.float32)[None, :, None, None]               # (1, T, 1, 1)
+    pos, vel = _bounce(p0[:, None], v0[:, None], t, lo[:, None], hi[:, None])   # (B, T, S, 2)
     grid = torch.arange(H, dtype=torch.float32)
     dx = grid[None, None, None, None, :] - pos[..., 0, None, None]   # (B, T, S, 1, W)
     dy = grid[None, None, None, :, None] - pos[..., 1, None, None]   # (B, T, S, H, 1)
-    r2 = 2 * radius[:, None, :, None, None] ** 2
-    blob = torch.exp(-(dx ** 2 + dy ** 2) / r2)                      # (B, T, S, H, W)
-    img = torch.einsum("btshw,bsc->btchw", blob, colour).clamp(0, 1)  # (B, T, 3, H, W)
-    state = dict(pos=pos, vel=vel, radius=radius, colour_id=colour_id, colour=colour)
-    return img * 2 - 1, state
+    alpha = torch.exp(-(dx ** 2 + dy ** 2) / (2 * radius[:, None, :, None, None] ** 2))
+    bg = background[:, None, :, None, None]                          # (B, 1, 3, 1, 1)
+    # each blob paints over the background in proportion to its Gaussian profile
+    img = bg + torch.einsum("btshw,bsc->btchw", alpha, colour - background[:, None])
+    per_frame = lambda a: a[:, None].expand(B, T, *a.shape[1:])     # noqa: E731
+    state = dict(pos=pos, vel=vel, radius=per_frame(radius), hue=per_frame(hue),
+                 saturation=per_frame(sat), value=per_frame(val), colour=per_frame(colour),
+                 background=per_frame(background), label=label)
+    return img.clamp(0, 1) * 2 - 1, state
+
+
+def check_label(cfg: Config, label, B: int):
+    """None, an int or a (B,) integer tensor → None or a (B,) long tensor; -1 means 'no label'
+    (the unconditional score). Names the allowed range otherwise."""
+    if label is None:
+        return None
+    t = torch.as_tensor(label)
+    if t.is_floating_point() or t.dim() > 1 or (t.dim() == 1 and len(t) != B):
+        raise ValueError(f"label={label!r} is invalid: must be an int or a ({B},) integer tensor")
+    t = t.long().expand(B) if t.dim() == 0 else t.long()
+    if ((t < -1) | (t >= cfg.labels)).any():
+        raise ValueError(f"label={label!r} is invalid: must be in [0, {cfg.labels - 1}] "
+                         f"(labels={cfg.labels}) or -1 for none")
+    return t
 
 
 # ================================================================================================
@@ -275,9 +306,15 @@ class KVCache:
         self.v = [None] * depth
         self.frame = None                  # (L,) absolute frame index of each cached token
         self.max_tokens = max_frames * tokens_per_frame
+        self.tokens_per_frame = tokens_per_frame
 
     def __len__(self):
         return 0 if self.frame is None else len(self.frame)
+
+    @property
+    def frames(self) -> int:
+        """How many frames the cache holds now (never more than the window allows)."""
+        return len(self) // self.tokens_per_frame
 
     def append(self, layer: int, k, v, frame):
         """Append one layer's keys/values (B, h, L, d) for frames `frame` (L,); keep the newest."""
@@ -298,7 +335,7 @@ def modulate(x, shift, scale):
 
 
 class DiTBlock(nn.Module):
-    """Pre-norm transformer block with adaLN-zero modulation from the per-frame timestep."""
+    """Pre-norm transformer block with adaLN-zero modulation from the per-frame condition."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -309,16 +346,18 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(4 * dim, dim))
-        self.ada = nn.Linear(dim, 6 * dim)
-        nn.init.zeros_(self.ada.weight)
-        nn.init.zeros_(self.ada.bias)
+        self.adaLN_modulation = nn.Linear(dim, 6 * dim)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
 
     def forward(self, x, c, frame, mask, cache: KVCache | None, layer: int, write: int):
         # x: (B, L, D) tokens, c: (B, L, D) conditioning, frame: (L,) absolute frame per token,
         # mask: (L, cached + L) which keys each query may see (None: all)
         B, L, D = x.shape
-        sa, ga, ma, sm, gm, mm = self.ada(c).chunk(6, dim=-1)
-        q, k, v = self.qkv(modulate(self.norm1(x), sa, ga)).view(B, L, 3, self.heads, -1).unbind(2)
+        (shift_msa, scale_msa, gate_msa,
+         shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c).chunk(6, dim=-1)
+        q, k, v = self.qkv(modulate(self.norm1(x), shift_msa, scale_msa)).view(
+            B, L, 3, self.heads, -1).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))                 # (B, h, L, d)
         q, k = rope(q, frame), rope(k, frame)
         k_all, v_all = k, v
@@ -328,8 +367,8 @@ class DiTBlock(nn.Module):
         if cache is not None and write:                                   # first `write` tokens
             cache.append(layer, k[:, :, :write], v[:, :, :write], frame[:write])
         att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
-        x = x + ma * self.proj(att.transpose(1, 2).reshape(B, L, D))
-        x = x + mm * self.mlp(modulate(self.norm2(x), sm, gm))
+        x = x + gate_msa * self.proj(att.transpose(1, 2).reshape(B, L, D))
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
@@ -342,11 +381,15 @@ def timestep_embedding(sigma, dim: int):
 
 
 class VideoDiT(nn.Module):
-    """Video transformer v_θ(x_σ, σ) → v_hat. One module for teacher and student: `causal=True`
-    gives the student's block-causal attention, `causal=False` the teacher's full attention.
+    """Video transformer v_θ(x_σ, σ, label) → v_hat. One module for teacher and student:
+    `causal=True` gives the student's block-causal attention, `causal=False` the teacher's full
+    attention.
 
     Every frame carries its own σ (adaLN per frame), so one sequence may mix noise levels — the
-    fused pass and the step-major context rely on this.
+    fused pass and the step-major context rely on this. The label (the clip's colour family, a
+    stand-in for a text prompt) is embedded and added to the timestep embedding, as DiT adds its
+    class embedding; label -1 (or None) selects a learned 'no label' embedding, the unconditional
+    score that classifier-free guidance needs.
     """
 
     def __init__(self, cfg: Config):
@@ -356,27 +399,27 @@ class VideoDiT(nn.Module):
         self.patch_in = nn.Linear(3 * p * p, D)
         self.pos = nn.Parameter(torch.randn(cfg.tokens_per_frame, D) * 0.02)  # spatial only
         self.t_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
+        self.label_emb = nn.Embedding(cfg.labels + 1, D)      # the last row: 'no label'
+        nn.init.normal_(self.label_emb.weight, std=0.02)
         self.blocks = nn.ModuleList([DiTBlock(D, cfg.heads) for _ in range(cfg.depth)])
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.ada_out = nn.Linear(D, 2 * D)
+        self.adaLN_out = nn.Linear(D, 2 * D)
         self.patch_out = nn.Linear(D, 3 * p * p)
-        for m in (self.ada_out, self.patch_out):
+        for m in (self.adaLN_out, self.patch_out):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
-        self.calls = 0          # forward passes so far (tests count them against the analysis)
 
     def new_cache(self, window: int | None = None) -> KVCache:
         """An empty KV cache holding the `window − block` context frames a block may see."""
         w = window or self.cfg.window_frames
         return KVCache(self.cfg.depth, w - self.cfg.block, self.cfg.tokens_per_frame)
 
-    def forward(self, x, sigma, frame0: int = 0, causal: bool = True, cache: KVCache | None = None,
-                write_frames: int = 0, window: int | None = None):
-        """x (B, T, 3, H, W) at per-frame levels sigma (B, T) (or a float / (B,)); frame0 is the
-        absolute index of x's first frame. With a cache, x attends to the cached frames too, and
-        the keys/values of its first `write_frames` frames are appended to the cache.
-        Returns v_hat (B, T, 3, H, W)."""
-        self.calls += 1
+    def forward(self, x, sigma, label=None, frame0: int = 0, causal: bool = True,
+                cache: KVCache | None = None, write_frames: int = 0, window: int | None = None):
+        """x (B, T, 3, H, W) at per-frame levels sigma (B, T) (or a float / (B,)); label None or
+        (B,) in [-1, labels); frame0 is the absolute index of x's first frame. With a cache, x
+        attends to the cached frames too, and the keys/values of its first `write_frames` frames
+        are appended to the cache. Returns v_hat (B, T, 3, H, W)."""
         cfg, p = self.cfg, self.cfg.patch
         B, T, C, H, W = x.shape
         if (C, H, W) != (3, cfg.size, cfg.size):
@@ -387,186 +430,272 @@ class VideoDiT(nn.Module):
         tok = tok.reshape(B, T * P, C * p * p)                                   # (B, L, C·p·p)
         h = self.patch_in(tok) + self.pos.repeat(T, 1)                          # (B, L, D)
         s = frame_sigma(sigma, B, T, x.device)                                   # (B, T)
-        c = self.t_mlp(timestep_embedding(s, cfg.dim)).repeat_interleave(P, 1)  # (B, L, D)
+        lab = check_label(cfg, label, B)
+        lab = torch.full((B,), cfg.labels) if lab is None else torch.where(lab < 0, cfg.labels,
+                                                                             lab)
+        # one video at a time: a small matrix product picks its kernel by its row count, and
+        # this keeps video i's numbers bitwise independent of the batch it is in
+        c = torch.stack([self.t_mlp(e) for e in timestep_embedding(s, cfg.dim)])  # (B, T, D)
+        c = (c + self.label_emb(lab.to(x.device))[:, None]).repeat_interleave(P, 1)  # (B, L, D)
         frame = torch.arange(frame0, frame0 + T, device=x.device).repeat_interleave(P)  # (L,)
         k_frame = torch.cat([cache.frame, frame]) if cache is not None and len(cache) else frame
         mask = attention_mask(frame, k_frame, cfg.block, window or cfg.window_frames, causal)
         for i, blk in enumerate(self.blocks):
             h = blk(h, c, frame, mask, cache, i, write_frames * P)
-        shift, scale = self.ada_out(c).chunk(2, dim=-1)
+        shift, scale = self.adaLN_out(c).chunk(2, dim=-1)
         out = self.patch_out(modulate(self.norm_out(h), shift, scale))         # (B, L, C·p·p)
         out = out.reshape(B, T, H // p, W // p, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)
         return out.reshape(B, T, C, H, W)
 
-    def x0(self, x, sigma, **kw):
-        """x0_hat from one forward pass."""
-        s = frame_sigma(sigma, x.shape[0], x.shape[1], x.device)[..., None, None, None]
-        return x0_from_v(x, self(x, sigma, **kw), s)
-
+    def x0(self, x, sigma, label=None, guidance: float = 1.0, **kw):
+        """x0_hat = x − σ·v_hat from one forward pass, or — with `guidance` w ≠ 1 and a label —
+        with classifier-free guidance (Ho & Salimans): v = v_∅ + w·(v_label − v_∅), the
+        conditional and unconditional passes batched into one."""
+        B, T = x.shape[:2]
+        s = frame_sigma(sigma, B, T, x.device)
+        if guidance == 1.0 or label is None:
+            v = self(x, s, label, **kw)
+        else:
+            lab = check_label(self.cfg, label, B)
+            v_cond, v_unc = self(torch.cat([x, x]), torch.cat([s, s]),
+                                 torch.cat([lab, torch.full_like(lab, -1)]), **kw).chunk(2)
+            v = v_unc + guidance * (v_cond - v_unc)
+        return x0_from_v(x, v, s[..., None, None, None])
 
 # ================================================================================================
-# 5. Sampler pieces: noise bank, context, cell
+# 5. Sampler pieces: per-video noise, the context
 # ================================================================================================
-# Both orders run the same cells. Cell (n, j) denoises block n from σ_j: x0_hat = x - σ_j v_hat,
-# then re-noises x0_hat to σ_{j+1} with fresh noise (SDE-style few-step sampling, as Self-Forcing).
-# All randomness comes from one noise bank ε[j, n] (K, N, B, b, 3, H, W): ε[0, n] is block n's
-# starting noise, ε[j, n] (j >= 1) re-noises it to σ_j. So every order (and the pipeline) uses
-# identical randomness and can be compared on the same draw.
+# Both orders run the same cells. Cell (n, j) denoises block n from σ_j: x0_hat = x − σ_j·v_hat,
+# then re-noises x0_hat to σ_{j+1} with fresh noise (SDE-style few-step sampling, as
+# Self-Forcing). All randomness is ε[j, n] — ε[0, n] is block n's starting noise, ε[j, n] (j >= 1)
+# re-noises it to σ_j — drawn when a cell needs it from a seed of its own per video, block and
+# step (EDM's per-sample seeding). So every order, the pipeline and every batch size see the same
+# draws: video i is the same whatever else is in the batch, and a shorter video is a prefix of a
+# longer one.
 
-def noise_bank(cfg: Config, batch: int, frames: int, generator=None, device=None, K=None):
-    """ε[j, n] for K steps and N = frames / block blocks: (K, N, B, b, 3, H, W)."""
-    if not isinstance(frames, int) or frames < 1 or frames % cfg.block:
-        raise ValueError(f"frames={frames!r} is invalid: must be a positive multiple of "
-                         f"block={cfg.block}")
-    K = K or cfg.K
-    shape = (K, frames // cfg.block, batch, cfg.block, 3, cfg.size, cfg.size)
-    return torch.randn(shape, generator=generator).to(device)
+
+def _cell_seed(seed: int, n: int, j: int) -> int:
+    """A well-mixed 63-bit seed for ε[j, n] of a video with seed `seed` (splitmix64 finaliser)."""
+    m = 2 ** 64
+    x = (seed * 0x9E3779B97F4A7C15 + (n + 1) * 0xBF58476D1CE4E5B9 + (j + 1) * 0x94D049BB133111EB) % m
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % m
+    return (x ^ (x >> 31)) % 2 ** 63
+
+
+class Noise:
+    """ε[j, n] for a batch of videos, one seed per video: `noise(j, n)` → (B, b, 3, H, W).
+    Nothing is drawn ahead; memory does not grow with the video's length."""
+
+    def __init__(self, cfg: Config, seeds, device=None, K: int | None = None):
+        self.seeds = [int(s) for s in seeds]
+        if not self.seeds:
+            raise ValueError("seeds is empty: need one seed per video")
+        self.K = K or cfg.K
+        self.shape = (cfg.block, 3, cfg.size, cfg.size)
+        self.device = device
+
+    @property
+    def batch(self) -> int:
+        return len(self.seeds)
+
+    def __call__(self, j: int, n: int) -> torch.Tensor:
+        if not (0 <= j < self.K and n >= 0):
+            raise IndexError(f"ε[j={j}, n={n}] does not exist: j in [0, {self.K - 1}], n >= 0")
+        draws = [torch.randn(self.shape, generator=torch.Generator().manual_seed(
+            _cell_seed(s, n, j))) for s in self.seeds]
+        return torch.stack(draws).to(self.device)
+
+    def bank(self, frames: int) -> torch.Tensor:
+        """The whole table ε (K, N, B, b, 3, H, W) for `frames` frames — for tests and notebooks."""
+        N = frames // self.shape[0]
+        return torch.stack([torch.stack([self(j, n) for n in range(N)]) for j in range(self.K)])
+
+
+class NoiseBank:
+    """A given table ε (K, N, B, b, 3, H, W) behind the same interface as Noise (tests use it to
+    differentiate through the noise, or to feed chosen draws)."""
+
+    def __init__(self, table: torch.Tensor):
+        if table.dim() != 7:
+            raise ValueError(f"noise table has shape {tuple(table.shape)}; expected "
+                             "(K, N, B, b, 3, H, W)")
+        self.table, self.K, self.batch = table, table.shape[0], table.shape[2]
+        self.shape = tuple(table.shape[3:])
+
+    def __call__(self, j: int, n: int) -> torch.Tensor:
+        return self.table[j, n]
 
 
 class Context:
     """What a block sees of its predecessors. Fast path: a KV cache with a rolling window.
     Slow reference (`use_cache=False`): keep every written block and re-run the whole sequence
-    (all written blocks + the current one) through the masked model at each query. The two agree
-    because the mask gives each frame exactly the window it had when its keys were cached.
+    (all written blocks + the current one) through the masked model at each query. The two agree because the mask gives
+    each frame exactly the window it had when its keys were cached.
 
     `fused=True` (the paper's fused pass): a write is held back and done in the same forward pass
     as the next block's denoising — one pass over both blocks with per-frame levels — so a step
     costs N passes instead of 2N (a write that no later block reads is never made)."""
 
-    def __init__(self, model: VideoDiT, use_cache: bool = True, window: int | None = None,
-                 fused: bool = False):
-        self.model, self.window, self.b = model, window, model.cfg.block
+    def __init__(self, model: VideoDiT, label=None, use_cache: bool = True,
+                 window: int | None = None, fused: bool = False):
+        self.model, self.label, self.window, self.b = model, label, window, model.cfg.block
         self.cache = model.new_cache(window) if use_cache else None
         self.fused, self.pending = fused and use_cache, None     # pending: (x, σ, n) to write
         self.xs, self.sigmas = [], []                   # reference path: written blocks, levels
 
-    def denoise(self, x, sigma, n: int):
+    def velocity(self, x, sigma, n: int):
         """v_hat for block n (B, b, 3, H, W) at level sigma given the context."""
-        B, b = x.shape[0], self.b
+        B, b, m = x.shape[0], self.b, self.model
         if self.pending is not None:                    # fused: write block n − 1, denoise n
-            xc, sc, m = self.pending
+            xc, sc, k = self.pending
             self.pending = None
-            if m != n - 1:
-                raise ValueError(f"fused pass: pending block {m} is not block {n} - 1")
+            if k != n - 1:
+                raise ValueError(f"fused pass: pending block {k} is not block {n} - 1")
             xs = torch.cat([xc, x], 1)                                          # (B, 2b, …)
             s = torch.cat([frame_sigma(sc, B, b, x.device), frame_sigma(sigma, B, b, x.device)], 1)
-            return self.model(xs, s, frame0=m * b, cache=self.cache, write_frames=b,
-                              window=self.window)[:, b:]
+            return m(xs, s, self.label, frame0=k * b, cache=self.cache, write_frames=b,
+                     window=self.window)[:, b:]
         if self.cache is not None:
-            return self.model(x, sigma, frame0=n * b, cache=self.cache, window=self.window)
-        xs = torch.cat(self.xs + [x], 1)                                 # (B, up to (n+1)b, ...)
+            return m(x, sigma, self.label, frame0=n * b, cache=self.cache, window=self.window)
+        xs = torch.cat(self.xs + [x], 1)                                 # (B, (n + 1)·b, ...)
         s = torch.cat(self.sigmas + [frame_sigma(sigma, B, b, x.device)], 1)
-        return self.model(xs, s, frame0=(n + 1) * b - xs.shape[1], window=self.window)[:, -b:]
+        return m(xs, s, self.label, frame0=(n + 1) * b - xs.shape[1], window=self.window)[:, -b:]
 
     @torch.no_grad()
     def write(self, x, sigma, n: int):
         """Make block n, at level sigma, context for the blocks after it (a detached pass)."""
+        x = x.detach()
         if self.fused:
-            self.pending = (x.detach(), sigma, n)
+            self.pending = (x, sigma, n)
         elif self.cache is not None:
-            self.model(x, sigma, frame0=n * self.b, cache=self.cache, write_frames=self.b,
-                       window=self.window)
-        else:
+            self.model(x, sigma, self.label, frame0=n * self.b, cache=self.cache,
+                       write_frames=self.b, window=self.window)
+        else:                                           # the reference keeps every block
             self.xs.append(x)
             self.sigmas.append(frame_sigma(sigma, x.shape[0], self.b, x.device))
 
 
-def cell(ctx: Context, x, n: int, j: int, sigmas, noise, grad: bool = False):
-    """Cell (n, j): denoise block n from σ_j. Returns (x0_hat, x at σ_{j+1}); at the last step
-    (σ_{j+1} = 0) the second is x0_hat itself. Gradient flows only if `grad` (the exit step)."""
-    with torch.set_grad_enabled(grad):
-        x0_hat = x0_from_v(x, ctx.denoise(x, sigmas[j], n), sigmas[j])
-    if j + 1 < len(noise):
-        return x0_hat, add_noise(x0_hat, noise[j + 1, n], sigmas[j + 1])
-    return x0_hat, x0_hat
-
-
-def _check_sampler_args(model, noise, context_t, exit_step):
-    if noise.dim() != 7 or noise.shape[3:] != (model.cfg.block, 3, model.cfg.size,
-                                               model.cfg.size):
-        raise ValueError(f"noise has shape {tuple(noise.shape)}; expected (K, N, B, "
-                         f"{model.cfg.block}, 3, {model.cfg.size}, {model.cfg.size}) "
-                         "from noise_bank()")
+def _check_sampler_args(model, noise, frames, label, context_t, exit_step):
+    cfg = model.cfg
+    if getattr(noise, "shape", None) != (cfg.block, 3, cfg.size, cfg.size):
+        raise ValueError(f"noise draws blocks of shape {getattr(noise, 'shape', None)}; the model "
+                         f"needs {(cfg.block, 3, cfg.size, cfg.size)}: use hiar.Noise(cfg, seeds)")
+    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1 or frames % cfg.block:
+        raise ValueError(f"frames={frames!r} is invalid: must be a positive multiple of "
+                         f"block={cfg.block}")
     if context_t not in CONTEXT_LEVELS:
         raise ValueError(f"context_t={context_t!r} is invalid: must be one of {CONTEXT_LEVELS}")
-    K = noise.shape[0]
-    if exit_step is not None and not 0 <= exit_step < K:
+    K = noise.K
+    if exit_step is not None and not (isinstance(exit_step, int) and 0 <= exit_step < K):
         raise ValueError(f"exit_step={exit_step!r} is invalid: must be in [0, {K - 1}]")
-    return K, noise.shape[1], (K - 1 if exit_step is None else exit_step)
+    label = check_label(cfg, label, noise.batch)
+    J = K - 1 if exit_step is None else exit_step
+    return K, frames // cfg.block, J, label, student_sigmas(K, cfg.shift)
 
 
 # ================================================================================================
 # 6. Block-major sampler (CausVid / Self-Forcing)
 # ================================================================================================
 
-def sample_block_major(model: VideoDiT, noise, context_t: str = "clean", exit_step=None,
-                       use_cache: bool = True, window: int | None = None, shift=None):
+def block_major(model: VideoDiT, noise, frames: int, label=None, context_t: str = "clean",
+                exit_step=None, use_cache: bool = True, window: int | None = None,
+                x0_bias=0.0):
     """Block-major order: for n: for j: cell (n, j); then one extra pass writes the finished,
-    clean block into the cache (K + 1 passes a block). `context_t` is accepted for a common
-    signature; block-major context is always clean (that is the point of comparison).
+    clean block into the cache (K + 1 passes a block). Yields each finished block
+    x0_hat (B, b, 3, H, W) as soon as its last step is done. `context_t` is accepted for a common
+    signature: block-major context is always clean (that is the point of comparison).
 
-    noise (K, N, B, b, 3, H, W) from noise_bank → video (B, N·b, 3, H, W) in [-1, 1] (x0_hat).
+    noise: Noise (ε[j, n] on demand); label: the clips' condition (None: unconditional).
     Training (self-rollout distillation): `exit_step` j* stops every block at step j*; only that
-    step's prediction carries gradient (if grad is enabled by the caller).
+    step's prediction carries gradient (if grad is enabled by the caller). `x0_bias` is added to
+    every x0 prediction: a *stand-in* for a model's systematic error, to watch it compound.
     """
-    K, N, J = _check_sampler_args(model, noise, context_t, exit_step)
-    sigmas = student_sigmas(K, model.cfg.shift if shift is None else shift)
+    K, N, J, label, sigma = _check_sampler_args(model, noise, frames, label, context_t, exit_step)
     grad = torch.is_grad_enabled()
-    ctx, out = Context(model, use_cache, window), []
+    ctx = Context(model, label, use_cache, window)
     for n in range(N):
-        x = noise[0, n]                                             # (B, b, 3, H, W) at σ_0 = 1
+        x = noise(0, n)                                               # block n at σ_0 = 1
         for j in range(J + 1):
-            x0_hat, x = cell(ctx, x, n, j, sigmas, noise, grad and j == J)
-        ctx.write(x0_hat.detach(), 0.0, n)                          # clean context, t_c = 0
-        out.append(x0_hat)
-    return torch.cat(out, 1)
+            with torch.set_grad_enabled(grad and j == J):             # gradient: exit step only
+                x0_hat = x - sigma[j] * ctx.velocity(x, sigma[j], n) + x0_bias   # x0 = x − σ_j·v
+            if j < J:
+                x = add_noise(x0_hat, noise(j + 1, n), sigma[j + 1])  # re-noise to σ_{j+1}
+        ctx.write(x0_hat, 0.0, n)                                     # clean context, t_c = 0
+        yield x0_hat
+
+
+def sample_block_major(model: VideoDiT, noise, frames: int, label=None, **kw) -> torch.Tensor:
+    """The whole video (B, frames, 3, H, W) from `block_major`."""
+    return torch.cat(list(block_major(model, noise, frames, label, **kw)), 1)
 
 
 # ================================================================================================
 # 7. Step-major sampler (HiAR, paper Alg. 1)
 # ================================================================================================
 
-def context_input(context_t: str, x_in, x0_hat, x_next, sigmas, j: int):
+def context_input(context_t: str, x_in, x0_hat, x_next, sigma, j: int):
     """What block n contributes as context at step j (paper Eq. 9, Table 2): its input at t_j
     ('current'), its output re-noised to t_{j+1} — the next step's input — ('next', HiAR's
     choice; clean at the last step), or the clean x0_hat ('clean'). Returns (x_c, σ_c)."""
     if context_t == "current":
-        return x_in, sigmas[j]
+        return x_in, sigma[j]
     if context_t == "next":
-        return x_next, sigmas[j + 1]
+        return x_next, sigma[j + 1]
     return x0_hat, 0.0
 
 
-def sample_step_major(model: VideoDiT, noise, context_t: str = "next", exit_step=None,
-                      use_cache: bool = True, window: int | None = None, shift=None,
-                      fused: bool = False):
-    """Step-major order (Alg. 1): for j: reset the cache; for n: cell (n, j), then write block n
-    at the context level t_c (default t_{j+1}) for the blocks after it. 2K passes a block.
-
-    `fused=True` merges the write of block n and the denoising of block n + 1 into one pass
-    over both blocks with per-frame levels (the paper's fused pass): N passes a step.
-    Same signature, noise bank and output as `sample_block_major`.
-    """
-    K, N, J = _check_sampler_args(model, noise, context_t, exit_step)
-    sigmas = student_sigmas(K, model.cfg.shift if shift is None else shift)
+def sample_step_major(model: VideoDiT, noise, frames: int, label=None, context_t: str = "next",
+                      exit_step=None, use_cache: bool = True, window: int | None = None,
+                      x0_bias=0.0, fused: bool = False) -> torch.Tensor:
+    """Step-major order, literally as paper Alg. 1: for j: reset the cache; for n: cell (n, j),
+    then write block n at the context level t_c (Eq. 9; default t_{j+1}) for the blocks after it.
+    2K passes a block (`fused=True`: the write of block n rides on block n + 1's pass, K).
+    This loop holds all N blocks at once; `step_major` streams the same video bitwise.
+    Same signature, noise and output as `sample_block_major`."""
+    K, N, J, label, sigma = _check_sampler_args(model, noise, frames, label, context_t, exit_step)
     grad = torch.is_grad_enabled()
-    x = [noise[0, n] for n in range(N)]                             # all blocks start at σ_0 = 1
+    x = [noise(0, n) for n in range(N)]                               # every block at σ_0 = 1
     out = [None] * N
-    for j in range(J + 1):                                          # Alg. 1, outer loop: steps
-        ctx = Context(model, use_cache, window, fused)              # the cache is reset per step
-        for n in range(N):                                          # inner loop: blocks
-            out[n], x[n] = step_major_cell(ctx, x[n], n, j, sigmas, noise, context_t,
-                                           grad and j == J)
+    for j in range(J + 1):                                            # Alg. 1, outer loop: steps
+        ctx = Context(model, label, use_cache, window, fused)         # the cache is reset per step
+        for n in range(N):                                            # inner loop: blocks
+            with torch.set_grad_enabled(grad and j == J):
+                x0_hat = x[n] - sigma[j] * ctx.velocity(x[n], sigma[j], n) + x0_bias
+            x_next = add_noise(x0_hat, noise(j + 1, n), sigma[j + 1]) if j + 1 < K else x0_hat
+            ctx.write(*context_input(context_t, x[n], x0_hat, x_next, sigma, j), n)   # Eq. 9
+            out[n], x[n] = x0_hat, x_next
     return torch.cat(out, 1)
 
 
-def step_major_cell(ctx: Context, x, n: int, j: int, sigmas, noise, context_t: str,
-                    grad: bool = False):
-    """Cell (n, j) of Alg. 1: denoise block n at t_j, then write it into step j's cache at the
-    context level t_c for the blocks after it. Returns (x0_hat, x at σ_{j+1})."""
-    x0_hat, x_next = cell(ctx, x, n, j, sigmas, noise, grad)
-    ctx.write(*context_input(context_t, x, x0_hat.detach(), x_next.detach(), sigmas, j), n)
-    return x0_hat, x_next
+def step_major(model: VideoDiT, noise, frames: int, label=None, context_t: str = "next",
+               exit_step=None, use_cache: bool = True, window: int | None = None, x0_bias=0.0,
+               fused: bool = False, steps: range | None = None, inputs=None):
+    """Step-major sampling as a stream: yields each finished block as soon as it is done.
+
+    The step-major idea is *which context a cell sees* (block n − 1 at step j's context level),
+    not the order the cells run in. Cell (n, j) needs only (n − 1, j), through step j's cache, and
+    (n, j − 1), its input; so any order that respects those two gives Alg. 1's video bitwise.
+    This one finishes block n's steps before block n + 1's, with one KV cache per step: it holds
+    K caches (each bounded by the window) and one block, whatever the video's length.
+
+    `steps` and `inputs` make it one stage of the pipeline: run only `steps` (default all) on
+    blocks taken from `inputs` (default ε[0, n]); it then yields each block at σ_{steps[-1] + 1}
+    (clean after the last step), or x0_hat at `exit_step`."""
+    K, N, J, label, sigma = _check_sampler_args(model, noise, frames, label, context_t, exit_step)
+    steps = range(J + 1) if steps is None else steps
+    grad = torch.is_grad_enabled()
+    ctx = {j: Context(model, label, use_cache, window, fused) for j in steps}   # a cache per step
+    inputs = iter(inputs) if inputs is not None else (noise(0, n) for n in range(N))
+    for n in range(N):
+        x = next(inputs)                                              # block n at σ_{steps[0]}
+        for j in steps:
+            with torch.set_grad_enabled(grad and j == J):
+                x0_hat = x - sigma[j] * ctx[j].velocity(x, sigma[j], n) + x0_bias
+            x_next = add_noise(x0_hat, noise(j + 1, n), sigma[j + 1]) if j + 1 < K else x0_hat
+            ctx[j].write(*context_input(context_t, x, x0_hat, x_next, sigma, j), n)  # Eq. 9
+            x = x_next
+        yield x0_hat if steps[-1] == J else x
 
 
 # ================================================================================================
@@ -580,7 +709,7 @@ def step_major_cell(ctx: Context, x, n: int, j: int, sigmas, noise, context_t: s
 
 def step_groups(K: int, S: int) -> list[range]:
     """Split steps 0..K−1 into S contiguous groups, as even as possible."""
-    if not isinstance(S, int) or not 1 <= S <= K:
+    if not isinstance(S, int) or isinstance(S, bool) or not 1 <= S <= K:
         raise ValueError(f"streams={S!r} is invalid: must be an integer in [1, K={K}]")
     edges = [round(s * K / S) for s in range(S + 1)]
     return [range(edges[s], edges[s + 1]) for s in range(S)]
@@ -593,132 +722,142 @@ def pipeline_schedule(N: int, K: int, S: int) -> list[dict]:
             for s, g in enumerate(step_groups(K, S)) for n in range(N)]
 
 
-def run_stage(model: VideoDiT, noise, steps: range, context_t: str, receive, send,
-              window: int | None = None, shift=None, fused: bool = False):
-    """One pipeline stage: for each block in order, take its input at σ_{steps[0]} from
-    `receive(n)`, run this stage's steps on it (one KV cache per step), and `send(n, x)` the result
-    (at σ_{steps[-1] + 1}; clean from the last stage). Threads and processes both use it."""
-    K, N = noise.shape[:2]
-    sigmas = student_sigmas(K, model.cfg.shift if shift is None else shift)
-    ctxs = {j: Context(model, True, window, fused) for j in steps}
-    for n in range(N):
-        x = receive(n)
-        for j in steps:
-            x = step_major_cell(ctxs[j], x, n, j, sigmas, noise, context_t)[1]
-        send(n, x)
+class _Failed:
+    """Passed down the pipeline in place of a block when a stage fails."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
 
 
 @torch.no_grad()
-def sample_pipelined(model: VideoDiT, noise, context_t: str = "next", streams: int = 2,
-                     window: int | None = None, shift=None, threads_per_stream: int | None = 1,
-                     fused: bool = False):
-    """Step-major sampling as a wavefront on `streams` threads, one stage each. Same signature,
-    noise bank and video as `sample_step_major`: every forward pass sees the same inputs and the
-    same cache, so on the CPU the video is bitwise equal to `sample_step_major` run with the same
+def pipelined(model: VideoDiT, noise, frames: int, label=None, context_t: str = "next",
+              streams: int = 2, window: int | None = None, threads_per_stream: int | None = 1,
+              fused: bool = False, depth: int = 2):
+    """Step-major sampling as a wavefront on `streams` threads, one stage (a group of steps, one
+    KV cache per step) each, joined by queues of `depth` blocks; yields each block as the last
+    stage finishes it. Same video as `sample_step_major`: every forward pass sees the same inputs
+    and the same cache, so on the CPU the video is bitwise equal when both run with the same
     number of intra-op threads (`threads_per_stream`; None keeps the caller's). On a GPU each
     thread issues its kernels on a CUDA stream of its own."""
-    K, N, _ = _check_sampler_args(model, noise, context_t, None)
+    K, N, _, label, _ = _check_sampler_args(model, noise, frames, label, context_t, None)
     groups = step_groups(K, streams)
-    # inbox[s][n]: block n's input to stage s; a stage waits until the stage before has sent it
-    inbox = [[None] * N for _ in range(streams + 1)]
-    ready = [[threading.Event() for _ in range(N)] for _ in range(streams + 1)]
-    inbox[0] = [noise[0, n] for n in range(N)]
-    for ev in ready[0]:
-        ev.set()
-    errors, caller_threads = [], torch.get_num_threads()
-    cuda = noise.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(noise.device)               # the noise bank is ready for all
+    pipes = [queue.Queue(maxsize=depth) for _ in range(streams + 1)]  # pipes[s]: into stage s
+    stop, caller_threads = threading.Event(), torch.get_num_threads()
+    cuda = torch.device(noise.device or "cpu").type == "cuda"
+
+    def put(q, item):
+        while not stop.is_set():
+            try:
+                return q.put(item, timeout=0.05)
+            except queue.Full:
+                pass
+
+    def take(q):
+        while not stop.is_set():
+            try:
+                item = q.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if isinstance(item, _Failed):
+                raise item.error                       # a stage failed: stop with its error
+            return item
+        raise RuntimeError("pipeline stopped")
 
     def worker(s):
-        def receive(n):
-            ready[s][n].wait()
-            if errors:
-                raise RuntimeError("an earlier stage failed")
-            return inbox[s][n]
-
-        def send(n, x):
-            if cuda:
-                torch.cuda.current_stream().synchronize()   # x is ready before the next stage
-            inbox[s + 1][n] = x
-            ready[s + 1][n].set()
         try:
             if threads_per_stream:
                 torch.set_num_threads(threads_per_stream)
-            own_stream = (torch.cuda.stream(torch.cuda.Stream(noise.device)) if cuda
-                          else contextlib.nullcontext())
-            with torch.no_grad(), own_stream:
-                run_stage(model, noise, groups[s], context_t, receive, send, window, shift, fused)
-        except BaseException as e:                     # surface a worker's failure to the caller
-            errors.append(e)
-            for ev in ready[s + 1]:
-                ev.set()
+            own = torch.cuda.stream(torch.cuda.Stream(noise.device)) if cuda else None
+            inputs = (noise(0, n) for n in range(N)) if s == 0 else (take(pipes[s])
+                                                                     for _ in range(N))
+            with torch.no_grad(), (own if own is not None else contextlib.nullcontext()):
+                for x in step_major(model, noise, frames, label, context_t, None, True, window,
+                                    0.0, fused, steps=groups[s], inputs=inputs):
+                    if cuda:
+                        torch.cuda.current_stream().synchronize()   # x is ready downstream
+                    put(pipes[s + 1], x)
+        except BaseException as e:                     # hand the failure on to the caller
+            put(pipes[s + 1], _Failed(e))
 
     pool = [threading.Thread(target=worker, args=(s,), daemon=True) for s in range(streams)]
     for t in pool:
         t.start()
-    for t in pool:
-        t.join()
-    torch.set_num_threads(caller_threads)
-    if errors:
-        raise errors[0]
-    return torch.cat(inbox[streams], 1)
+    try:
+        for _ in range(N):
+            yield take(pipes[streams])
+    finally:
+        stop.set()                                     # also when the caller stops early
+        for t in pool:
+            t.join()
+        torch.set_num_threads(caller_threads)
+
+
+def sample_pipelined(model: VideoDiT, noise, frames: int, label=None, **kw) -> torch.Tensor:
+    """The whole video (B, frames, 3, H, W) from `pipelined`."""
+    return torch.cat(list(pipelined(model, noise, frames, label, **kw)), 1)
 
 
 @torch.no_grad()
-def sample_distributed(model: VideoDiT, noise, context_t: str = "next", window=None, shift=None,
-                       fused: bool = False):
+def distributed(model: VideoDiT, noise, frames: int, label=None, context_t: str = "next",
+                window=None, fused: bool = False):
     """The same wavefront across processes: rank s of S (torch.distributed, started with
-    `torchrun --nproc_per_node=S`) runs stage s and passes each block's latent to rank s + 1 —
-    the path for a model that outgrows one device. Every rank builds the same noise bank; the
-    video is returned on every rank."""
+    `torchrun --nproc_per_node=S`) runs stage s and passes each block to rank s + 1 — the path
+    for a model that outgrows one device. Every rank draws the same per-video noise; the last
+    rank yields the finished blocks, the others yield nothing."""
     import torch.distributed as dist
     S, s = dist.get_world_size(), dist.get_rank()
-    K, N, _ = _check_sampler_args(model, noise, context_t, None)
-    out = []
+    K, N, _, label, _ = _check_sampler_args(model, noise, frames, label, context_t, None)
 
     def receive(n):
-        if s == 0:
-            return noise[0, n]
-        x = torch.empty_like(noise[0, n])
+        x = torch.empty((noise.batch,) + noise.shape, device=noise.device)
         dist.recv(x, src=s - 1)
         return x
 
-    def send(n, x):
+    inputs = (noise(0, n) for n in range(N)) if s == 0 else (receive(n) for n in range(N))
+    for x in step_major(model, noise, frames, label, context_t, None, True, window, 0.0, fused,
+                        steps=step_groups(K, S)[s], inputs=inputs):
         if s + 1 < S:
             dist.send(x.contiguous(), dst=s + 1)
         else:
-            out.append(x)
-
-    run_stage(model, noise, step_groups(K, S)[s], context_t, receive, send, window, shift, fused)
-    B, b = noise.shape[2], noise.shape[3]
-    video = torch.cat(out, 1) if out else noise.new_empty((B, N * b) + tuple(noise.shape[4:]))
-    dist.broadcast(video, src=S - 1)
-    return video
-
+            yield x
 
 # ================================================================================================
 # 9. Losses
 # ================================================================================================
 
-def sample_train_sigma(B: int, generator=None, device=None):
-    """σ for flow-matching training: logit-normal(0, 1), as in SD3 (B,)."""
-    return torch.sigmoid(torch.randn(B, generator=generator, device=device))
+def sample_train_sigma(B: int, generator=None, device=None, shift: float = 3.0):
+    """σ for training the teacher: half logit-normal(0, 1) (SD3), half uniform t warped by a
+    σ-shift. Logit-normal alone puts ~1.4 % of its draws above σ = 0.9, where the few-step
+    student starts, the DMD loss sends many of its queries and the forward-KL target lives;
+    the shifted half puts 25 % there (shift 3). (B,)"""
+    logit_normal = torch.sigmoid(torch.randn(B, generator=generator))
+    shifted = shift_sigma(torch.rand(B, generator=generator), shift)
+    use_shifted = torch.rand(B, generator=generator) < 0.5
+    return torch.where(use_shifted, shifted, logit_normal).to(device)
 
 
-def flow_loss(model, x0, sigma, eps, causal: bool = False):
-    """Flow matching (rectified flow): L = ‖v_θ(x_σ, σ) − (ε − x0)‖², x_σ as above.
+def flow_loss(model, x0, sigma, eps, label=None, causal: bool = False):
+    """Flow matching (rectified flow): L = ‖v_θ(x_σ, σ, label) − (ε − x0)‖², x_σ as above.
     Trains the teacher (full attention) and the DMD critic (the fake score). sigma: (B,)."""
     x_t = add_noise(x0, eps, sigma[:, None, None, None, None])
-    return F.mse_loss(model(x_t, sigma, causal=causal), eps - x0)
+    return F.mse_loss(model(x_t, sigma, label, causal=causal), eps - x0)
+
+
+def drop_labels(label, p: float, generator=None):
+    """Classifier-free guidance training: replace each label by -1 ('no label') with prob. p."""
+    if label is None or p <= 0:
+        return label
+    drop = torch.rand(label.shape, generator=generator) < p
+    return torch.where(drop, torch.full_like(label, -1), label)
 
 
 @torch.no_grad()
-def teacher_ode(teacher: VideoDiT, eps, keep: list[float], steps: int = 48, shift: float = 8.0):
+def teacher_ode(teacher: VideoDiT, eps, keep: list[float], steps: int = 48, shift: float = 8.0,
+                label=None, guidance: float = 1.0):
     """Integrate the teacher's probability-flow ODE dx/dσ = v from σ = 1 to 0 with Euler steps on
     a shift-warped grid (official ODE pairs: 48 steps, shift 8) that also contains the levels
-    `keep` (the student's σ_j). eps (B, T, 3, H, W) → (states at `keep` (B, len(keep), T, …) or
-    None if `keep` is empty, x0)."""
+    `keep` (the student's σ_j), with classifier-free guidance `guidance` on `label`.
+    eps (B, T, 3, H, W) → (states at `keep` (B, len(keep), T, …) or None if `keep` is empty, x0)."""
     grid = [float(shift_sigma(1 - i / steps, shift)) for i in range(steps + 1)]
     grid = sorted({round(s, 7) for s in grid + list(keep)}, reverse=True)
     want = {round(s, 7): i for i, s in enumerate(keep)}
@@ -726,16 +865,28 @@ def teacher_ode(teacher: VideoDiT, eps, keep: list[float], steps: int = 48, shif
     for a, b in zip(grid[:-1], grid[1:]):
         if a in want:
             states[want[a]] = x
-        x = x + (b - a) * teacher(x, a, causal=False)
+        x0_hat = teacher.x0(x, a, label, guidance, causal=False)
+        x = x + (b - a) * (x - x0_hat) / a                  # v = (x − x0_hat) / σ
     return (torch.stack(states, 1) if states else None), x
 
 
-def dmd_loss(x0, teacher: VideoDiT, critic: VideoDiT, shift: float = 5.0, generator=None):
+def dmd_sigma(B: int, shift: float, generator=None, device=None, t_min: float = 0.02,
+              t_max: float = 0.98):
+    """The levels at which DMD queries both scores, and on which the critic is trained (the
+    official code uses one distribution for both): t ~ U[0, 1], σ = shift(t), clamped to
+    [t_min, t_max] *after* the shift. (B,)"""
+    t = torch.rand(B, generator=generator)
+    return shift_sigma(t, shift).clamp(t_min, t_max).to(device)
+
+
+def dmd_loss(x0, teacher: VideoDiT, critic: VideoDiT, shift: float, label=None,
+             guidance: float = 1.0, generator=None):
     """Distribution matching distillation: the paper's reverse-KL term (after DMD2 and
-    Self-Forcing). Diffuse the student's video to a random level,
-        x_σ = (1 − σ)·x0 + σ·ε,   t ~ U[0.02, 0.98],  σ = shift(t),
-    read the clean-video predictions of the real score (frozen teacher) and the fake score
-    (critic), and step x0 along their difference, normalised per video:
+    Self-Forcing). Diffuse the student's video to a random level σ (`dmd_sigma`),
+        x_σ = (1 − σ)·x0 + σ·ε,
+    read the clean-video predictions of the real score (frozen teacher, classifier-free guidance
+    `guidance` on `label`; official 3.0) and the fake score (critic, conditional), and step x0
+    along their difference, normalised per video:
         grad = (x0_fake − x0_real) / mean|x0 − x0_real|,
         L = ½ · ‖x0 − sg(x0 − grad)‖².
     So ∂L/∂x0 ∝ grad: x0 moves to where the teacher's distribution is denser than the
@@ -743,11 +894,11 @@ def dmd_loss(x0, teacher: VideoDiT, critic: VideoDiT, shift: float = 5.0, genera
     x0 (B, T, 3, H, W) carries the generator's gradient; both score models are bidirectional."""
     B = x0.shape[0]
     with torch.no_grad():
-        t = 0.02 + 0.96 * torch.rand(B, generator=generator).to(x0.device)
-        sigma = shift_sigma(t, shift)                                     # (B,)
-        x_t = add_noise(x0, torch.randn_like(x0), sigma[:, None, None, None, None])
-        x0_real = teacher.x0(x_t, sigma, causal=False)
-        x0_fake = critic.x0(x_t, sigma, causal=False)
+        sigma = dmd_sigma(B, shift, generator, x0.device)                    # (B,)
+        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        x_t = add_noise(x0, eps, sigma[:, None, None, None, None])
+        x0_real = teacher.x0(x_t, sigma, label, guidance, causal=False)
+        x0_fake = critic.x0(x_t, sigma, label, causal=False)
         norm = (x0 - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
         grad = torch.nan_to_num((x0_fake - x0_real) / norm)
     return 0.5 * F.mse_loss(x0, (x0 - grad).detach())
@@ -760,7 +911,7 @@ def chord_x0(x_a, x_b, sigma_a: float, sigma_b: float):
     return x_a - sigma_a * (x_a - x_b) / (sigma_a - sigma_b)
 
 
-def fkl_loss(student: VideoDiT, x_start, x0_target, sigma0: float = 1.0,
+def fkl_loss(student: VideoDiT, x_start, x0_target, sigma0: float = 1.0, label=None,
              bidirectional: bool = True):
     """Forward-KL regulariser (paper Eq. 10-11): regress the student's *first* denoising step
     (σ_0, pure noise) onto the teacher's ODE trajectory:
@@ -768,4 +919,4 @@ def fkl_loss(student: VideoDiT, x_start, x0_target, sigma0: float = 1.0,
     The total generator loss is L = L_DMD + λ·L_FKL (λ = 0.1). The paper runs the student with
     bidirectional attention here; the official code keeps the block-causal mask (`False`).
     x_start, x0_target (B, T, 3, H, W)."""
-    return F.mse_loss(student.x0(x_start, sigma0, causal=not bidirectional), x0_target)
+    return F.mse_loss(student.x0(x_start, sigma0, label, causal=not bidirectional), x0_target)

@@ -16,6 +16,63 @@ import torch.distributed as dist
 
 import hiar
 
+HERE = Path(__file__).resolve().parent
+SHIPPED = HERE / "checkpoints"
+
+# ------------------------------------------------------------------------------------------------
+# Shared by the scripts: one error type, device choice, one checkpoint loader
+# ------------------------------------------------------------------------------------------------
+
+
+class CLIError(RuntimeError):
+    """A failure the user sees as one line: a bad flag value, a missing or foreign file, a NaN."""
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """cuda > mps > cpu unless `name` says otherwise."""
+    if name:
+        try:
+            dev = torch.device(name)
+        except RuntimeError as e:
+            raise CLIError(f"--device {name!r} is not a device ({e})") from None
+        if dev.type == "cuda" and (not torch.cuda.is_available()
+                                   or (dev.index or 0) >= torch.cuda.device_count()):
+            raise CLIError(f"--device {name}: that CUDA device is not available here")
+        if dev.type == "mps" and not (getattr(torch.backends, "mps", None)
+                                      and torch.backends.mps.is_available()):
+            raise CLIError(f"--device {name}: MPS is not available here")
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise CLIError(f"--device {name}: choose cpu, cuda or mps")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_checkpoint(path) -> dict:
+    """torch.load with weights_only=True; a missing, truncated or foreign file is a CLIError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CLIError(f"checkpoint {path} could not be read ({first})") from None
+
+
+def model_from_checkpoint(ck: dict, path, key: str = "model") -> hiar.VideoDiT:
+    """The network stored in a checkpoint dict (weights under `key`, else "model")."""
+    try:
+        model = hiar.VideoDiT(hiar.Config.from_dict(ck["config"]))
+        model.load_state_dict({k: v.float() for k, v in ck.get(key, ck["model"]).items()})
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CLIError(f"checkpoint {path} does not hold a model of this code ({first})") from None
+    return model
+
 # ------------------------------------------------------------------------------------------------
 # Video helpers: uint8 frames, labelled grids, GIFs
 # ------------------------------------------------------------------------------------------------

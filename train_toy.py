@@ -17,91 +17,149 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import hiar
+from sample import (SHIPPED, CLIError, grid_frames, load_checkpoint, model_from_checkpoint,
+                    pick_device, save_gif, to_uint8)
 
-HERE = Path(__file__).resolve().parent
-SHIPPED = HERE / "checkpoints"
-# Config fields that define the data and the network: a teacher or student checkpoint can be
-# reused by any run that agrees on these (the training budget may differ).
-MODEL_FIELDS = ("size", "frames", "block", "shapes", "blob_sigma", "speed", "patch", "dim",
-                "depth", "heads")
-
-
-class TrainingError(RuntimeError):
-    """A failure the user should see as one line (NaN loss, config mismatch, missing file)."""
+# ------------------------------------------------------------------------------------------------
+# The training budget and recipe (hiar.Config holds the data, the network and the sampler)
+# ------------------------------------------------------------------------------------------------
 
 
-def pick_device(name: str | None = None) -> torch.device:
-    """cuda > mps > cpu unless `name` says otherwise."""
-    if name:
+@dataclass
+class TrainConfig:
+    # teacher: bidirectional flow matching, conditional with label dropout (for CFG)
+    batch: int = 32
+    teacher_steps: int = 6000
+    teacher_lr: float = 1e-3
+    teacher_shift: float = 3.0   # the shifted half of the teacher's σ draws (sample_train_sigma)
+    label_dropout: float = 0.1   # CFG training: a tenth of the clips see 'no label'
+    amp: bool = True             # bfloat16 autocast for the teacher (1.6× on this CPU)
+    # the real score: the teacher with classifier-free guidance (official config: 3.0)
+    guidance: float = 3.0
+    # ODE pairs and ODE init (CausVid / Self-Forcing initialisation)
+    ode_pairs: int = 512
+    ode_steps: int = 48          # teacher Euler steps for ODE pairs (official: 48, shift 8)
+    ode_shift: float = 8.0
+    init_steps: int = 1500
+    init_lr: float = 3e-4
+    # self-rollout DMD (+ forward KL)
+    dmd_steps: int = 400
+    dmd_batch: int = 8
+    dmd_shift: float = 5.0       # σ-shift of the DMD queries and of the critic's training levels
+    rollout_frames: int = 0      # self-rollout length (0: frames); gradient on the last `frames`
+    gen_lr: float = 2e-5
+    critic_lr: float = 4e-5
+    critic_ratio: int = 3        # critic updates per generator update (official: 5)
+    weight_decay: float = 0.0    # AdamW (official: 0.01)
+    grad_clip: float = 1.0       # gradient-norm clip (official: 10)
+    fkl_weight: float = 0.1      # λ of Eq. 11 (paper: 0.1); 0 turns the forward-KL term off
+    fkl_mode: str = "bidirectional"  # student attention in the FKL term: bidirectional | causal
+    ema: float = 0.99
+    ema_start: int = 100
+    ckpt_every: int = 100        # training steps between checkpoints (DMD: a fifth of it)
+
+    def __post_init__(self):
+        def need(ok, name, allowed):
+            if not ok:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: "
+                                 f"{allowed}")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type == "bool":
+                need(isinstance(v, bool), f.name, "must be true or false")
+            elif f.type == "int":
+                need(isinstance(v, int) and not isinstance(v, bool)
+                     and v >= (0 if f.name == "rollout_frames" else 1), f.name,
+                     "must be an integer >= " + ("0" if f.name == "rollout_frames" else "1"))
+            elif f.type == "float":
+                need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                     and math.isfinite(v), f.name, "must be a number >= 0")
+                setattr(self, f.name, float(v))
+        for name in ("teacher_lr", "init_lr", "gen_lr", "critic_lr", "guidance", "teacher_shift",
+                     "ode_shift", "dmd_shift", "grad_clip"):
+            need(getattr(self, name) > 0, name, "must be > 0")
+        need(self.label_dropout < 1, "label_dropout", "must be in [0, 1)")
+        need(self.ema < 1, "ema", "must be in [0, 1)")
+        need(self.fkl_mode in ("bidirectional", "causal"), "fkl_mode",
+             "must be 'bidirectional' or 'causal'")
+
+
+TRAIN_PRESETS = {
+    "smoke": dict(batch=4, teacher_steps=30, ode_pairs=8, ode_steps=6, init_steps=10,
+                  dmd_steps=4, dmd_batch=2, critic_ratio=2, ema_start=2, ckpt_every=5),
+    "toy": dict(),
+}
+
+# Which training fields each stage's result depends on: a finished stage is reused only by a run
+# that agrees on these (and on the data / network fields of hiar.Config).
+STAGE_FIELDS = {
+    "teacher": ("batch", "teacher_steps", "teacher_lr", "teacher_shift", "label_dropout", "amp"),
+    "ode_pairs": ("guidance", "ode_pairs", "ode_steps", "ode_shift"),
+    "ode_init": ("batch", "init_steps", "init_lr"),
+}
+
+
+def parse_overrides(items) -> tuple[dict, dict]:
+    """--set FIELD=VALUE items → (hiar.Config overrides, TrainConfig overrides), each value
+    parsed as JSON and checked against the field's type."""
+    model_f = {f.name: f for f in dataclasses.fields(hiar.Config)}
+    train_f = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    out = ({}, {})
+    for item in items:
+        if "=" not in item:
+            raise CLIError(f"--set {item!r}: expected FIELD=VALUE")
+        k, raw = item.split("=", 1)
+        if k not in model_f and k not in train_f:
+            raise CLIError(f"--set {k}: unknown field; known: {sorted({**model_f, **train_f})}")
+        f = model_f.get(k) or train_f[k]
         try:
-            dev = torch.device(name)
-        except RuntimeError as e:
-            raise TrainingError(f"--device={name!r} is not a device ({e})") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise TrainingError("--device=cuda but CUDA is not available here")
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+            v = json.loads(raw)
+        except json.JSONDecodeError:
+            v = raw
+        want = {"int": int, "float": (int, float), "bool": bool, "str": str, "tuple": list}[f.type]
+        if isinstance(v, bool) and f.type != "bool" or not isinstance(v, want):
+            kind = {"tuple": "a [low, high] pair"}.get(f.type, f"a {f.type}")
+            raise CLIError(f"--set {k}={raw}: must be {kind}")
+        out[0 if k in model_f else 1][k] = v
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints: atomic writes, weights_only loads, config checks
+# Checkpoints: atomic writes, config checks
 # ------------------------------------------------------------------------------------------------
 
 def save_atomic(obj, path: Path):
     """torch.save to a temp file in the same folder, then rename: a kill never leaves half a
     file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def load_ckpt(path: Path) -> dict:
-    if not Path(path).is_file():
-        raise TrainingError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        raise TrainingError(f"checkpoint {path} could not be read: {e}") from None
-
-
 def config_diff(a: dict, b: dict, keys=None) -> list[str]:
-    keys = keys or sorted(set(a) | set(b))
-    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys
-            if _norm(a.get(k)) != _norm(b.get(k))]
+    keys = sorted(set(a) | set(b)) if keys is None else keys
+    norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v     # noqa: E731
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if norm(a.get(k)) != norm(b.get(k))]
 
 
-def _norm(v):
-    return list(v) if isinstance(v, (tuple, list)) else v
+NETWORK_FIELDS = [f.name for f in dataclasses.fields(hiar.Config)
+                  if f.name not in hiar.SAMPLER_FIELDS]
 
 
-def check_config(ckpt: dict, cfg: hiar.Config, path, keys=MODEL_FIELDS):
-    diff = config_diff(ckpt["config"], cfg.to_dict(), keys)
+def check_network(ck: dict, cfg: hiar.Config, path):
+    """A checkpoint's network and data must be the run's (its sampler fields may differ)."""
+    diff = config_diff(ck["config"], cfg.to_dict(), NETWORK_FIELDS)
     if diff:
-        raise TrainingError(f"{path} was made with a different config ({'; '.join(diff)})")
-
-
-def load_model(path, cfg: hiar.Config | None = None, key: str = "model") -> hiar.VideoDiT:
-    """A model from a checkpoint; its config comes from the checkpoint unless `cfg` is given, in
-    which case the model fields must agree."""
-    ckpt = load_ckpt(Path(path))
-    if cfg is None:
-        cfg = hiar.Config.from_dict(ckpt["config"])
-    else:
-        check_config(ckpt, cfg, path)
-    model = hiar.VideoDiT(cfg)
-    model.load_state_dict(ckpt[key] if key in ckpt else ckpt["model"])
-    return model
+        raise CLIError(f"{path} was made with a different config ({'; '.join(diff)})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,19 +169,27 @@ def load_model(path, cfg: hiar.Config | None = None, key: str = "model") -> hiar
 class Run:
     """A run directory: config.json, metrics.jsonl, one checkpoint per stage, GIFs."""
 
-    def __init__(self, path: Path, cfg: hiar.Config, device: torch.device, seed: int):
-        self.path, self.cfg, self.device, self.seed = Path(path), cfg, device, seed
-        self.path.mkdir(parents=True, exist_ok=True)
-        resolved = {"config": cfg.to_dict(), "seed": seed}
+    def __init__(self, path: Path, cfg: hiar.Config, tc: TrainConfig, device: torch.device,
+                 seed: int):
+        self.path, self.cfg, self.tc, self.device, self.seed = Path(path), cfg, tc, device, seed
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write_test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise CLIError(f"--run-dir {self.path}: cannot write there ({e.strerror})") from None
+        resolved = {"config": cfg.to_dict(), "train": asdict(tc), "seed": seed}
         cfg_file = self.path / "config.json"
         if cfg_file.exists():
             old = json.loads(cfg_file.read_text())
-            diff = config_diff(old["config"], resolved["config"])
+            diff = (config_diff(old.get("config", {}), resolved["config"])
+                    + config_diff(old.get("train", {}), resolved["train"]))
             if old.get("seed") != seed:
                 diff.append(f"seed: {old.get('seed')} vs {seed}")
             if diff:
-                raise TrainingError(f"run directory {self.path} holds a run with a different "
-                                    f"config ({'; '.join(diff)}); use another --run-dir")
+                raise CLIError(f"run directory {self.path} holds a run with a different "
+                               f"config ({'; '.join(diff)}); use another --run-dir")
         else:
             cfg_file.write_text(json.dumps(resolved, indent=1))
 
@@ -132,11 +198,16 @@ class Run:
 
     def done(self, stage: str) -> bool:
         p = self.ckpt(stage)
-        return p.exists() and load_ckpt(p).get("done", False)
+        return p.exists() and load_checkpoint(p).get("done", False)
 
     def log(self, record: dict):
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def stamp(self, stage: str, extra: dict | None = None) -> dict:
+        """What every checkpoint of this run records about how it was made."""
+        return {"config": self.cfg.to_dict(), "train": asdict(self.tc), "seed": self.seed,
+                "stage": stage, **(extra or {})}
 
 
 def train_loop(run: Run, stage: str, steps: int, modules: dict, step_fn, every: int = 100,
@@ -148,8 +219,11 @@ def train_loop(run: Run, stage: str, steps: int, modules: dict, step_fn, every: 
     the run with a message, leaving the last good checkpoint in place."""
     path, start = run.ckpt(stage), 0
     if path.exists():
-        ck = load_ckpt(path)
-        check_config(ck, run.cfg, path, keys=None)
+        ck = load_checkpoint(path)
+        diff = config_diff(ck["config"], run.cfg.to_dict()) + config_diff(
+            ck.get("train", {}), asdict(run.tc))
+        if diff:
+            raise CLIError(f"{path} was made with a different config ({'; '.join(diff)})")
         for name, m in modules.items():
             m.load_state_dict(ck[name])
         start = ck["step"]
@@ -158,8 +232,8 @@ def train_loop(run: Run, stage: str, steps: int, modules: dict, step_fn, every: 
 
     def save(step, done):
         state = {name: m.state_dict() for name, m in modules.items()}
-        save_atomic({**state, **(extra or {}), "config": run.cfg.to_dict(), "stage": stage,
-                     "step": step, "done": done, "rng": torch.get_rng_state()}, path)
+        save_atomic({**state, **run.stamp(stage, extra), "step": step, "done": done,
+                     "rng": torch.get_rng_state()}, path)
 
     t0, last = time.time(), {}
     bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, dynamic_ncols=True,
@@ -169,8 +243,8 @@ def train_loop(run: Run, stage: str, steps: int, modules: dict, step_fn, every: 
         bad = [k for k, v in last.items() if not math.isfinite(v)]
         if bad:
             bar.close()
-            raise TrainingError(f"stage {stage}: {bad[0]}={last[bad[0]]} at step {step}; "
-                                f"stopped, the last good checkpoint is {path}")
+            raise CLIError(f"stage {stage}: {bad[0]}={last[bad[0]]} at step {step}; "
+                           f"stopped, the last good checkpoint is {path}")
         bar.set_postfix({k: f"{v:.4f}" for k, v in last.items()})
         if step % 10 == 0 or step == steps - 1:
             run.log({"stage": stage, "step": step, **last})
@@ -203,46 +277,7 @@ class EMA:
         self.model.load_state_dict(sd)
 
 
-def set_lr(opt, base: float, step: int, total: int, warmup: int = 100):
-    """Linear warmup, then cosine decay to 10 % of `base` at `total` steps."""
-    progress = min(1.0, step / max(1, total))
-    lr = base * min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * progress))
-    for group in opt.param_groups:
-        group["lr"] = lr
-
-
-# ------------------------------------------------------------------------------------------------
-# Stage 1: the bidirectional teacher
-# ------------------------------------------------------------------------------------------------
-
-def train_teacher(run: Run) -> float:
-    cfg, dev = run.cfg, run.device
-    model = hiar.VideoDiT(cfg).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.teacher_lr, weight_decay=0.0)
-    ema = EMA(model, 0.999)
-    data_gen = torch.Generator().manual_seed(run.seed)
-
-    def step_fn(step):
-        set_lr(opt, cfg.teacher_lr, step, cfg.teacher_steps)
-        x0, _ = hiar.moving_shapes(cfg, cfg.batch, data_gen)
-        x0 = x0.to(dev)
-        sigma = hiar.sample_train_sigma(cfg.batch, device=dev)
-        loss = hiar.flow_loss(model, x0, sigma, torch.randn_like(x0), causal=False)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update(model, min(0.999, (1 + step) / (10 + step)))
-        return {"loss": loss.item()}
-
-    # the data generator's state must survive a resume too: store it with the modules
-    gen_state = _GenState(data_gen)
-    return train_loop(run, "teacher", cfg.teacher_steps,
-                      {"model": model, "ema": ema, "opt": opt, "data_rng": gen_state}, step_fn,
-                      every=cfg.ckpt_every)
-
-
-class _GenState:
+class GenState:
     """Adapter so a torch.Generator is checkpointed like a module."""
 
     def __init__(self, g):
@@ -255,35 +290,83 @@ class _GenState:
         self.g.set_state(sd["state"])
 
 
+def set_lr(opt, base: float, step: int, total: int, warmup: int = 100):
+    """Linear warmup, then cosine decay to 10 % of `base` at `total` steps."""
+    progress = min(1.0, step / max(1, total))
+    lr = base * min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * progress))
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def autocast(run: Run):
+    """bfloat16 autocast where TrainConfig.amp asks for it (CPU and CUDA)."""
+    on = run.tc.amp and run.device.type in ("cpu", "cuda")
+    return torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=on)
+
+
 # ------------------------------------------------------------------------------------------------
-# Stage 2: ODE pairs — teacher trajectories kept at the student's σ levels
+# Stage 1: the bidirectional, conditional teacher
+# ------------------------------------------------------------------------------------------------
+
+def train_teacher(run: Run) -> float:
+    """Flow matching with full attention on labelled clips; a `label_dropout` share of the clips
+    is shown 'no label', so one network gives both scores that CFG needs. σ is drawn half
+    logit-normal, half shifted-uniform, so the levels near σ = 1 — where the student starts and
+    DMD queries — are trained too (hiar.sample_train_sigma)."""
+    cfg, tc, dev = run.cfg, run.tc, run.device
+    model = hiar.VideoDiT(cfg).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.teacher_lr, weight_decay=0.0)
+    ema = EMA(model, 0.999)
+    g = torch.Generator().manual_seed(run.seed)
+
+    def step_fn(step):
+        set_lr(opt, tc.teacher_lr, step, tc.teacher_steps)
+        x0, state = hiar.moving_shapes(cfg, tc.batch, g)
+        label = hiar.drop_labels(state["label"], tc.label_dropout, g) if cfg.labels else None
+        sigma = hiar.sample_train_sigma(tc.batch, g, dev, tc.teacher_shift)
+        eps = torch.randn(x0.shape, generator=g).to(dev)
+        with autocast(run):
+            loss = hiar.flow_loss(model, x0.to(dev), sigma, eps, label, causal=False)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update(model, min(0.999, (1 + step) / (10 + step)))
+        return {"loss": loss.item()}
+
+    return train_loop(run, "teacher", tc.teacher_steps,
+                      {"model": model, "ema": ema, "opt": opt, "data_rng": GenState(g)}, step_fn,
+                      every=tc.ckpt_every)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 2: ODE pairs — teacher trajectories (with CFG) kept at the student's σ levels
 # ------------------------------------------------------------------------------------------------
 
 def make_ode_pairs(run: Run, teacher: hiar.VideoDiT) -> float:
-    cfg, t0 = run.cfg, time.time()
+    cfg, tc, t0 = run.cfg, run.tc, time.time()
     g = torch.Generator().manual_seed(run.seed + 1)
     sig = hiar.student_sigmas(cfg.K, cfg.shift)[:-1]
-    states, finals = [], []
-    for i in tqdm(range(0, cfg.ode_pairs, cfg.batch), desc="ode_pairs", disable=None):
-        eps = torch.randn(min(cfg.batch, cfg.ode_pairs - i), cfg.frames, 3, cfg.size, cfg.size,
-                          generator=g).to(run.device)
-        st, x0 = hiar.teacher_ode(teacher, eps, sig, cfg.ode_steps, cfg.ode_shift)
+    states, finals, labels = [], [], []
+    for i in tqdm(range(0, tc.ode_pairs, tc.batch), desc="ode_pairs", disable=None):
+        B = min(tc.batch, tc.ode_pairs - i)
+        eps = torch.randn(B, cfg.frames, 3, cfg.size, cfg.size, generator=g).to(run.device)
+        label = torch.randint(cfg.labels, (B,), generator=g) if cfg.labels else None
+        st, x0 = hiar.teacher_ode(teacher, eps, sig, tc.ode_steps, tc.ode_shift, label,
+                                  tc.guidance)
         states.append(st.cpu())
         finals.append(x0.cpu())
+        labels.append(label if label is not None else torch.full((B,), -1))
     states, finals = torch.cat(states), torch.cat(finals)     # (M, K, T, 3, H, W), (M, T, …)
-    bad_check(states, "ode_pairs", 0, run.ckpt("ode_pairs"))
-    save_atomic({"states": states, "x0": finals, "sigmas": torch.tensor(sig),
-                 "config": cfg.to_dict(), "done": True}, run.ckpt("ode_pairs"))
+    if not torch.isfinite(states).all():
+        raise CLIError("stage ode_pairs: the teacher produced non-finite values; nothing saved")
+    save_atomic({"states": states, "x0": finals, "label": torch.cat(labels),
+                 "sigmas": torch.tensor(sig), **run.stamp("ode_pairs"), "done": True},
+                run.ckpt("ode_pairs"))
     took = time.time() - t0
     print(f"[ode_pairs] done: {len(finals)} trajectories in {took / 60:.1f} min")
     run.log({"stage": "ode_pairs", "event": "done", "seconds": took})
     return took
-
-
-def bad_check(t, stage, step, path):
-    if not torch.isfinite(t).all():
-        raise TrainingError(f"stage {stage}: non-finite values at step {step}; "
-                            f"stopped, the last good checkpoint is {path}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -291,95 +374,120 @@ def bad_check(t, stage, step, path):
 # ------------------------------------------------------------------------------------------------
 
 def train_ode_init(run: Run, teacher: hiar.VideoDiT, pairs: dict) -> float:
-    """CausVid / Self-Forcing initialisation: from x at the student's level σ_j (all blocks at the
-    same level, block-causal mask), predict the teacher ODE's endpoint x0."""
-    cfg, dev = run.cfg, run.device
+    """CausVid / Self-Forcing initialisation: from a trajectory whose blocks each sit at their
+    own level — one of the student's σ_j or clean (σ = 0), drawn per block as Self-Forcing does —
+    predict the teacher ODE's endpoint x0 with the block-causal mask. Per-block levels show the
+    student the mixed contexts of both samplers (clean for block-major, noisy for step-major)."""
+    cfg, tc, dev = run.cfg, run.tc, run.device
     student = copy.deepcopy(teacher).requires_grad_(True)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.init_lr, weight_decay=0.0)
-    states, x0s = pairs["states"], pairs["x0"]
-    sig = pairs["sigmas"]
+    opt = torch.optim.AdamW(student.parameters(), lr=tc.init_lr, weight_decay=0.0)
+    x0s, labels = pairs["x0"], pairs["label"]
+    levels = torch.cat([pairs["states"], x0s[:, None]], 1)             # (M, K + 1, T, …)
+    sig = torch.cat([pairs["sigmas"], torch.zeros(1)])                 # (K + 1,)
+    N = cfg.frames // cfg.block
     g = torch.Generator().manual_seed(run.seed + 2)
 
     def step_fn(step):
-        set_lr(opt, cfg.init_lr, step, cfg.init_steps)
-        idx = torch.randint(len(x0s), (cfg.batch,), generator=g)
-        j = torch.randint(len(sig), (cfg.batch,), generator=g)
-        x, target = states[idx, j].to(dev), x0s[idx].to(dev)
-        loss = torch.nn.functional.mse_loss(student.x0(x, sig[j].to(dev), causal=True), target)
+        set_lr(opt, tc.init_lr, step, tc.init_steps)
+        idx = torch.randint(len(x0s), (tc.batch,), generator=g)
+        j = torch.randint(len(sig), (tc.batch, N), generator=g).repeat_interleave(cfg.block, 1)
+        x = levels[idx[:, None], j, torch.arange(cfg.frames)]          # (B, T, 3, H, W)
+        lab = labels[idx] if cfg.labels else None
+        with autocast(run):
+            pred = student.x0(x.to(dev), sig[j].to(dev), lab, causal=True)
+        loss = torch.nn.functional.mse_loss(pred.float(), x0s[idx].to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         return {"loss": loss.item()}
 
-    return train_loop(run, "ode_init", cfg.init_steps,
-                      {"model": student, "opt": opt, "data_rng": _GenState(g)}, step_fn,
-                      every=cfg.ckpt_every)
+    return train_loop(run, "ode_init", tc.init_steps,
+                      {"model": student, "opt": opt, "data_rng": GenState(g)}, step_fn,
+                      every=tc.ckpt_every)
 
 
 # ------------------------------------------------------------------------------------------------
 # Stage 4-6: self-rollout DMD (+ forward KL), in either order, with an EMA
 # ------------------------------------------------------------------------------------------------
 
-SAMPLERS = {"block": hiar.sample_block_major, "step": hiar.sample_step_major}
-
-
-def rollout(student, cfg: hiar.Config, order: str, context_t: str, g, dev, exit_step=None):
-    """A self-rollout of a training-length video with the student's own sampler."""
-    noise = hiar.noise_bank(cfg, cfg.dmd_batch, cfg.frames, g, dev)
-    return SAMPLERS[order](student, noise, context_t=context_t, exit_step=exit_step)
+def rollout(student, run: Run, order: str, context_t: str, g, label, exit_step: int):
+    """A self-rollout with the student's own sampler, `rollout_frames` long, every block exiting
+    at `exit_step`; returns the last `frames` (one attention window). Earlier blocks are generated
+    but dropped, so the loss — and the gradient — sees only the last window (the official
+    `num_rollout_frames` option), while that window's context came from the student itself."""
+    cfg, tc = run.cfg, run.tc
+    frames = tc.rollout_frames or cfg.frames
+    noise = hiar.Noise(cfg, torch.randint(2 ** 62, (tc.dmd_batch,), generator=g), run.device)
+    keep = cfg.frames // cfg.block
+    sampler = hiar.block_major if order == "block" else hiar.step_major
+    blocks = sampler(student, noise, frames, label, context_t=context_t,
+                             exit_step=exit_step)
+    last = []
+    for x0_hat in blocks:                       # streaming: hold one window, drop the rest
+        last = (last + [x0_hat])[-keep:]
+    return torch.cat(last, 1)                   # (B, frames, 3, H, W)
 
 
 def train_dmd(run: Run, stage: str, teacher, init: hiar.VideoDiT, pairs: dict, order: str,
               fkl_weight: float, context_t: str) -> float:
     """Self-rollout distillation (the paper's training recipe): each generator update rolls out
     a video with the student's own sampler, exits every block at one random step j* (no gradient
-    before it, gradient only through step j*'s prediction), and follows the DMD gradient; the
-    critic (fake score) learns the student's current distribution with the flow loss,
-    `critic_ratio` updates per generator update. FKL adds λ·L_FKL on the first step."""
-    cfg, dev = run.cfg, run.device
+    before it, gradient only through step j*'s prediction), and follows the DMD gradient against
+    the teacher with CFG; the critic (fake score) learns the student's current distribution with
+    the flow loss on the DMD query levels, `critic_ratio` updates per generator update. FKL adds
+    λ·L_FKL on the first step."""
+    cfg, tc, dev = run.cfg, run.tc, run.device
     gen = copy.deepcopy(init).requires_grad_(True)
     critic = copy.deepcopy(teacher).requires_grad_(True)
     teacher.requires_grad_(False)
-    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.gen_lr, betas=(0.0, 0.999))
-    opt_c = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, betas=(0.0, 0.999))
-    ema = EMA(gen, cfg.ema)
+    adam = dict(betas=(0.0, 0.999), weight_decay=tc.weight_decay)
+    opt_g = torch.optim.AdamW(gen.parameters(), lr=tc.gen_lr, **adam)
+    opt_c = torch.optim.AdamW(critic.parameters(), lr=tc.critic_lr, **adam)
+    ema = EMA(gen, tc.ema)
     g = torch.Generator().manual_seed(run.seed + 3)
     sig0 = float(pairs["sigmas"][0])
     fkl_target = hiar.chord_x0(pairs["states"][:, 0], pairs["states"][:, 1], sig0,
                                float(pairs["sigmas"][1])) if cfg.K > 1 else pairs["x0"]
 
+    def labels():
+        return torch.randint(cfg.labels, (tc.dmd_batch,), generator=g) if cfg.labels else None
+
     def step_fn(step):
-        for _ in range(cfg.critic_ratio):                           # fake score: flow loss
+        for _ in range(tc.critic_ratio):                            # fake score: flow loss
+            label = labels()
             with torch.no_grad():
-                x0 = rollout(gen, cfg, order, context_t, g, dev,
+                x0 = rollout(gen, run, order, context_t, g, label,
                              int(torch.randint(cfg.K, (1,), generator=g)))
-            sigma = hiar.sample_train_sigma(cfg.dmd_batch, g).to(dev)
-            c_loss = hiar.flow_loss(critic, x0, sigma, torch.randn(x0.shape, generator=g).to(dev))
+            sigma = hiar.dmd_sigma(tc.dmd_batch, tc.dmd_shift, g, dev)
+            eps = torch.randn(x0.shape, generator=g).to(dev)
+            c_loss = hiar.flow_loss(critic, x0, sigma, eps, label)
             opt_c.zero_grad(set_to_none=True)
             c_loss.backward()
-            torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), tc.grad_clip)
             opt_c.step()
+        label = labels()
         exit_step = int(torch.randint(cfg.K, (1,), generator=g))   # shared by all blocks
-        x0 = rollout(gen, cfg, order, context_t, g, dev, exit_step)
-        loss = d_loss = hiar.dmd_loss(x0, teacher, critic, generator=g)
+        x0 = rollout(gen, run, order, context_t, g, label, exit_step)
+        loss = d_loss = hiar.dmd_loss(x0, teacher, critic, tc.dmd_shift, label, tc.guidance, g)
         logs = {"dmd": d_loss.item(), "critic": c_loss.item()}
         if fkl_weight > 0:
-            idx = torch.randint(len(fkl_target), (cfg.dmd_batch,), generator=g)
+            idx = torch.randint(len(fkl_target), (tc.dmd_batch,), generator=g)
+            lab = pairs["label"][idx] if cfg.labels else None
             f_loss = hiar.fkl_loss(gen, pairs["states"][idx, 0].to(dev), fkl_target[idx].to(dev),
-                                   sig0, bidirectional=cfg.fkl_mode == "bidirectional")
+                                   sig0, lab, bidirectional=tc.fkl_mode == "bidirectional")
             loss = loss + fkl_weight * f_loss
             logs["fkl"] = f_loss.item()
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(gen.parameters(), tc.grad_clip)
         opt_g.step()
-        ema.update(gen, 0.0 if step < cfg.ema_start else None)   # EMA follows from ema_start
+        ema.update(gen, 0.0 if step < tc.ema_start else None)    # EMA follows from ema_start
         return logs
 
-    return train_loop(run, stage, cfg.dmd_steps,
+    return train_loop(run, stage, tc.dmd_steps,
                       {"model": gen, "ema": ema, "critic": critic, "opt_g": opt_g, "opt_c": opt_c,
-                       "data_rng": _GenState(g)}, step_fn, every=max(1, cfg.ckpt_every // 5),
+                       "data_rng": GenState(g)}, step_fn, every=max(1, tc.ckpt_every // 5),
                       extra={"order": order, "fkl_weight": fkl_weight, "context_t": context_t})
 
 
@@ -389,22 +497,27 @@ def train_dmd(run: Run, stage: str, teacher, init: hiar.VideoDiT, pairs: dict, o
 
 @torch.no_grad()
 def stage_gif(run: Run, name: str, model: hiar.VideoDiT, teacher: bool = False, num: int = 4):
-    """Data next to samples: teacher samples at the training length (ODE, 24 Euler steps), or a
-    student's long rollouts (cfg.sample_frames) with both samplers on the same noise."""
-    from sample import grid_frames, save_gif, to_uint8
+    """Data next to samples: teacher samples at the training length (ODE, 24 Euler steps, without
+    and with CFG), or a student's long rollouts (8× the training length) with both samplers on
+    the same noise. One video per label."""
     cfg, dev = run.cfg, run.device
     g = torch.Generator().manual_seed(1234)
-    frames = cfg.frames if teacher else cfg.sample_frames
-    data, _ = hiar.moving_shapes(cfg, num, g, frames)
+    frames = cfg.frames if teacher else 8 * cfg.frames
+    label = torch.arange(num) % cfg.labels if cfg.labels else None
+    data, _ = hiar.moving_shapes(cfg, num, g, frames, label)
     rows = {"data": to_uint8(data)}
     model.eval()
     if teacher:
         eps = torch.randn(num, frames, 3, cfg.size, cfg.size, generator=g).to(dev)
-        rows["teacher"] = to_uint8(hiar.teacher_ode(model, eps, [], 24, cfg.ode_shift)[1])
+        for w in (1.0, run.tc.guidance):
+            rows[f"teacher, CFG {w:g}"] = to_uint8(
+                hiar.teacher_ode(model, eps, [], 24, run.tc.ode_shift, label, w)[1])
     else:
-        noise = hiar.noise_bank(cfg, num, frames, g, dev)
-        rows[f"{name}: block-major"] = to_uint8(hiar.sample_block_major(model, noise))
-        rows[f"{name}: step-major"] = to_uint8(hiar.sample_step_major(model, noise))
+        noise = hiar.Noise(cfg, range(num), dev)
+        rows[f"{name}: block-major"] = to_uint8(hiar.sample_block_major(model, noise, frames,
+                                                                         label))
+        rows[f"{name}: step-major"] = to_uint8(hiar.sample_step_major(model, noise, frames,
+                                                                       label))
     path = run.path / f"{name}.gif"
     save_gif(path, grid_frames(rows, per_row=num))
     return path
@@ -419,19 +532,21 @@ VARIANTS = {"hiar": ("step", None, None), "self_forcing": ("block", 0.0, "clean"
             "hiar_no_fkl": ("step", 0.0, None)}
 
 
-def resolve_students(args, cfg: hiar.Config) -> list[tuple]:
+def resolve_students(args, cfg: hiar.Config, tc: TrainConfig) -> list[tuple]:
     """[(stage name, order, fkl weight, context level)] from --students / --order / … flags."""
     if args.order or args.fkl_weight is not None or args.context_t:
         order = args.order or "step"
-        lam = cfg.fkl_weight if args.fkl_weight is None else args.fkl_weight
+        lam = tc.fkl_weight if args.fkl_weight is None else args.fkl_weight
+        if lam < 0 or not math.isfinite(lam):
+            raise CLIError(f"--fkl-weight {lam}: must be a number >= 0")
         ctx = args.context_t or (cfg.context_t if order == "step" else "clean")
         return [(args.name or f"student_{order}_fkl{lam:g}_{ctx}", order, lam, ctx)]
     out = []
     for name in filter(None, args.students.split(",")):
         if name not in VARIANTS:
-            raise TrainingError(f"--students: unknown student {name!r}; known: {sorted(VARIANTS)}")
+            raise CLIError(f"--students: unknown student {name!r}; known: {sorted(VARIANTS)}")
         order, lam, ctx = VARIANTS[name]
-        out.append((name, order, cfg.fkl_weight if lam is None else lam, ctx or cfg.context_t))
+        out.append((name, order, tc.fkl_weight if lam is None else lam, ctx or cfg.context_t))
     return out
 
 
@@ -439,56 +554,74 @@ def load_teacher(run: Run, from_scratch: bool, path) -> hiar.VideoDiT:
     if from_scratch:
         if not run.done("teacher"):
             train_teacher(run)
-            model = load_model(run.ckpt("teacher"), run.cfg, "ema").to(run.device)
+            model = model_from_checkpoint(load_checkpoint(run.ckpt("teacher")),
+                                          run.ckpt("teacher"), "ema").to(run.device)
             stage_gif(run, "teacher", model, teacher=True)
         path = run.ckpt("teacher")
-    teacher = load_model(path, run.cfg, key="ema").to(run.device)
+    ck = load_checkpoint(path)
+    check_network(ck, run.cfg, path)
+    teacher = model_from_checkpoint(ck, path, "ema").to(run.device)
     return teacher.eval().requires_grad_(False)
 
 
 def ship(run: Run, stage: str, dest: Path, command: str):
-    """A small, self-contained copy of a finished stage for checkpoints/: config, sampling weights
-    (the EMA where there is one) in float16, and how it was made. About 2.5 MB."""
-    ck = load_ckpt(run.ckpt(stage))
+    """A small, self-contained copy of a finished stage for checkpoints/: its configs, sampling
+    weights (the EMA where there is one) in float16, and how it was made. About 2.5 MB."""
+    ck = load_checkpoint(run.ckpt(stage))
     if not ck.get("done"):
-        raise TrainingError(f"stage {stage} of {run.path} is not finished; nothing shipped")
+        raise CLIError(f"stage {stage} of {run.path} is not finished; nothing shipped")
     weights = ck["ema"] if "ema" in ck else ck["model"]
-    small = {"config": ck["config"], "model": {k: v.half() for k, v in weights.items()},
-             "stage": stage, "note": f"{command} (seed {run.seed}; weights stored in float16)"}
-    small.update({k: ck[k] for k in ("order", "fkl_weight", "context_t") if k in ck})
-    save_atomic(small, dest / f"{stage}.pt")
-    print(f"shipped {dest / f'{stage}.pt'}")
+    keep = ("config", "train", "seed", "stage", "order", "fkl_weight", "context_t", "step")
+    small = {k: ck[k] for k in keep if k in ck}
+    small.update(model={k: v.half() for k, v in weights.items()},
+                 note=f"{command} (seed {run.seed}; weights stored in float16)")
+    save_atomic(small, Path(dest) / f"{stage}.pt")
+    print(f"shipped {Path(dest) / f'{stage}.pt'}")
 
 
 def run_all(args) -> Run:
-    cfg = hiar.Config.preset(args.preset, **parse_overrides(args.set))
+    if args.preset not in hiar.PRESETS:
+        raise CLIError(f"--preset {args.preset!r}: choose one of {sorted(hiar.PRESETS)}")
+    model_over, train_over = parse_overrides(args.set)
+    try:
+        cfg = hiar.Config.preset(args.preset, **model_over)
+        tc = TrainConfig(**{**TRAIN_PRESETS[args.preset], **train_over})
+    except ValueError as e:
+        raise CLIError(f"--set: {e}") from None
     dev = pick_device(args.device)
     torch.manual_seed(args.seed)
-    run = Run(Path(args.run_dir or f"runs/{args.preset}_s{args.seed}"), cfg, dev, args.seed)
-    students = resolve_students(args, cfg)
+    run = Run(Path(args.run_dir or f"runs/{args.preset}_s{args.seed}"), cfg, tc, dev, args.seed)
+    students = resolve_students(args, cfg, tc)
+    teacher_path = Path(args.teacher) if args.teacher else SHIPPED / "teacher.pt"
+    if not args.from_scratch and not args.teacher and args.preset != "toy":
+        args.from_scratch = True         # no shipped teacher for other presets: train one
+    if not args.from_scratch and not teacher_path.exists():
+        raise CLIError(f"--teacher {teacher_path}: no such file; pass --teacher PATH or "
+                       "--from-scratch")
     print(f"run {run.path} on {dev}, preset {args.preset}, seed {args.seed}, "
           f"students {[s[0] for s in students]}")
-    teacher_path = Path(args.teacher or SHIPPED / "teacher.pt")
-    if not args.from_scratch and not teacher_path.exists():
-        raise TrainingError(f"teacher checkpoint {teacher_path} is missing; pass --teacher PATH "
-                            "or --from-scratch")
     times = {}
     teacher = load_teacher(run, args.from_scratch, teacher_path)
     if args.teacher_only:
         return run
     if not run.done("ode_pairs"):
         times["ode_pairs"] = make_ode_pairs(run, teacher)
-    pairs = load_ckpt(run.ckpt("ode_pairs"))
+    pairs = load_checkpoint(run.ckpt("ode_pairs"))
     if not run.done("ode_init"):
         times["ode_init"] = train_ode_init(run, teacher, pairs)
-        stage_gif(run, "ode_init", load_model(run.ckpt("ode_init"), cfg).to(dev))
-    init = load_model(run.ckpt("ode_init"), cfg).to(dev)
+        stage_gif(run, "ode_init", model_from_checkpoint(
+            load_checkpoint(run.ckpt("ode_init")), run.ckpt("ode_init")).to(dev))
+    init = model_from_checkpoint(load_checkpoint(run.ckpt("ode_init")),
+                                 run.ckpt("ode_init")).to(dev)
     for name, order, lam, ctx in students:
         if not run.done(name):
             times[name] = train_dmd(run, name, teacher, init, pairs, order, lam, ctx)
-            stage_gif(run, name, load_model(run.ckpt(name), cfg, "ema").to(dev))
+            stage_gif(run, name, model_from_checkpoint(load_checkpoint(run.ckpt(name)),
+                                                       run.ckpt(name), "ema").to(dev))
     if times:
         print("stage times (min): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()))
+    else:
+        print(f"nothing to do: every stage of {run.path} is finished")
     if args.ship:
         command = "python train_toy.py " + " ".join(sys.argv[1:])
         for stage in ["ode_init"] + [s[0] for s in students]:
@@ -504,11 +637,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: autodetect)")
     p.add_argument("--from-scratch", action="store_true",
-                   help="train the teacher too instead of using checkpoints/teacher.pt")
+                   help="train the teacher too instead of using checkpoints/teacher.pt "
+                        "(presets other than toy always do)")
     p.add_argument("--teacher", default=None,
                    help="teacher checkpoint to distil from (default checkpoints/teacher.pt)")
-    p.add_argument("--teacher-only", action="store_true",
-                   help="with --from-scratch: stop after the teacher")
+    p.add_argument("--teacher-only", action="store_true", help="stop after the teacher")
     p.add_argument("--students", default="hiar,self_forcing",
                    help=f"named students to train, comma-separated: {sorted(VARIANTS)}")
     p.add_argument("--order", choices=["block", "step"], default=None,
@@ -521,35 +654,18 @@ def parse_args(argv=None):
     p.add_argument("--ship", default=None, metavar="DIR",
                    help="afterwards, write small sampling checkpoints of the students to DIR")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="override Config fields, e.g. --set dmd_steps=200 gen_lr=1e-5")
+                   help="override hiar.Config or TrainConfig fields, e.g. --set dmd_steps=200")
     return p.parse_args(argv)
 
 
-def parse_overrides(items):
-    out = {}
-    known = {f.name: f for f in dataclasses.fields(hiar.Config)}
-    for item in items:
-        if "=" not in item:
-            raise TrainingError(f"--set {item!r}: expected FIELD=VALUE")
-        k, v = item.split("=", 1)
-        if k not in known:
-            raise TrainingError(f"--set {k}: unknown Config field; known: {sorted(known)}")
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
 def main(argv=None):
-    args = parse_args(argv)
-    run_all(args)
+    run_all(parse_args(argv))
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (TrainingError, ValueError) as e:
+    except CLIError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
