@@ -167,10 +167,12 @@ def _bounce(p0, v, t, lo, hi):
 
 
 def moving_shapes(cfg: Config, batch: int, generator: torch.Generator | None = None,
-                  frames: int | None = None, label=None):
+                  frames: int | None = None, label=None, start: int = 0):
     """Draw `batch` videos of Gaussian blobs bouncing off the walls of a tinted box.
 
     label: None (each clip draws its own), an int, or a (B,) tensor of colour families.
+    start: the first frame's index; the same generator state with start = 0, T, 2T, … gives
+    consecutive pieces of the same clips (for streaming long ground truth).
     Returns (video, state): video (B, T, 3, H, W) in [-1, 1]; state holds the ground truth of every
     attribute per frame: pos, vel (B, T, S, 2) as (x, y) in pixels; radius, hue, saturation, value
     (B, T, S); colour (B, T, S, 3) and background (B, T, 3) as RGB in [0, 1]; label (B,).
@@ -178,15 +180,19 @@ def moving_shapes(cfg: Config, batch: int, generator: torch.Generator | None = N
     T = cfg.frames if frames is None else frames
     if not isinstance(T, int) or T < 1:
         raise ValueError(f"frames={T!r} is invalid: must be an integer >= 1")
+    if not isinstance(start, int) or start < 0:
+        raise ValueError(f"start={start!r} is invalid: must be an integer >= 0")
     B, S, H, g = batch, cfg.shapes, cfg.size, generator
 
     def uniform(rng, *shape):
         return rng[0] + (rng[1] - rng[0]) * torch.rand(*shape, generator=g)
 
+    drawn = torch.randint(max(cfg.labels, 1), (B,), generator=g)         # (B,)
     label = check_label(cfg, label, B)
-    if label is None:
-        label = (torch.randint(max(cfg.labels, 1), (B,), generator=g) if cfg.labels
-                 else torch.full((B,), -1))
+    if not cfg.labels:
+        label = torch.full((B,), -1)
+    elif label is None or (label < 0).any():             # -1: no label asked, draw the family
+        label = drawn if label is None else torch.where(label < 0, drawn, label)
     offset = torch.rand(B, S, generator=g) - 0.5
     hue = (label[:, None] + offset) / cfg.labels % 1 if cfg.labels else offset + 0.5   # (B, S)
     sat, val = uniform(cfg.saturation, B, S), uniform(cfg.value, B, S)
@@ -197,7 +203,7 @@ def moving_shapes(cfg: Config, batch: int, generator: torch.Generator | None = N
     p0 = lo + (hi - lo) * torch.rand(B, S, 2, generator=g)    # (B, S, 2)
     angle = 2 * math.pi * torch.rand(B, S, 1, generator=g)
     v0 = uniform(cfg.speed, B, S, 1) * torch.cat([angle.cos(), angle.sin()], -1)  # (B, S, 2)
-    t = torch.arange(T, dtype=torch.float32)[None, :, None, None]               # (1, T, 1, 1)
+    t = torch.arange(start, start + T, dtype=torch.float32)[None, :, None, None]  # (1, T, 1, 1)
     pos, vel = _bounce(p0[:, None], v0[:, None], t, lo[:, None], hi[:, None])   # (B, T, S, 2)
     grid = torch.arange(H, dtype=torch.float32)
     dx = grid[None, None, None, None, :] - pos[..., 0, None, None]   # (B, T, S, 1, W)

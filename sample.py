@@ -1,18 +1,25 @@
-"""Sample long videos from trained checkpoints, write a labelled GIF, print drift metrics.
+"""Sample long videos from a checkpoint, streamed to disk, with drift metrics against the data.
 
-    python sample.py                                  # block-major vs step-major, shipped HiAR
-    python sample.py --ckpt self_forcing --sampler block --frames 192 --gif sf.gif
+    python sample.py                                   # ODE-init student, block- vs step-major
+    python sample.py --ckpt ode_init --sampler block --frames 6000 --npy long.npy --gif ''
+    python sample.py --bias 0.03                       # a known x0 bias: watch it compound
+
+Frames are written as they are made (npy through a memory map, GIF and MP4 frame by frame), so
+memory stays flat however long the video. Also the scripts' shared pieces: one error type, device
+choice, the checkpoint loader, video helpers and the drift metrics (train_toy.py imports them).
 """
 from __future__ import annotations
 
 import argparse
+import io
+import math
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.nn.functional as F
 
 import hiar
 
@@ -73,10 +80,40 @@ def model_from_checkpoint(ck: dict, path, key: str = "model") -> hiar.VideoDiT:
         raise CLIError(f"checkpoint {path} does not hold a model of this code ({first})") from None
     return model
 
-# ------------------------------------------------------------------------------------------------
-# Video helpers: uint8 frames, labelled grids, GIFs
-# ------------------------------------------------------------------------------------------------
 
+def resolve_ckpt(name: str) -> Path:
+    """A path, or the name of a shipped checkpoint (see checkpoints/)."""
+    p = Path(name)
+    if p.suffix == ".pt" or p.exists():
+        if not p.is_file():
+            raise CLIError(f"--ckpt {name}: no such file")
+        return p
+    shipped = SHIPPED / f"{name}.pt"
+    if not shipped.is_file():
+        have = sorted(q.stem for q in SHIPPED.glob("*.pt") if q.stem != "teacher")
+        raise CLIError(f"--ckpt {name}: not a file and not a shipped student {have}")
+    return shipped
+
+
+def load_student(name: str, device) -> tuple[hiar.VideoDiT, dict]:
+    """The sampling weights (EMA where present) and how the checkpoint was made: its stage, and
+    for a DMD student its sampler order and context level."""
+    path = resolve_ckpt(name)
+    ck = load_checkpoint(path)
+    if not isinstance(ck, dict) or "config" not in ck or "model" not in ck:
+        raise CLIError(f"--ckpt {path}: not a checkpoint of this project")
+    if ck.get("stage") == "teacher":
+        raise CLIError(f"--ckpt {path}: is the bidirectional teacher; sample a student "
+                       f"(shipped: {sorted(q.stem for q in SHIPPED.glob('*.pt'))[:8]})")
+    model = model_from_checkpoint(ck, path, "ema")
+    meta = {k: ck[k] for k in ("stage", "order", "fkl_weight", "context_t", "note", "seed")
+            if k in ck}
+    return model.to(device).eval(), meta
+
+
+# ------------------------------------------------------------------------------------------------
+# Video helpers: uint8 frames, labelled grids, writers that stream frame by frame
+# ------------------------------------------------------------------------------------------------
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:
     """(B, T, 3, H, W) in [-1, 1] → (B, T, H, W, 3) uint8."""
@@ -109,18 +146,71 @@ def grid_frames(rows: dict, scale: int = 4, per_row: int = 1, gap: int = 2) -> n
     return np.concatenate(blocks, 1)
 
 
+class GifWriter:
+    """An animated GIF written frame by frame, so memory does not grow with its length: PIL
+    encodes each frame on its own, and its colour table becomes that frame's local table."""
+
+    def __init__(self, path, fps: int = 8):
+        self.f, self.delay, self.started = open(path, "wb"), max(1, round(100 / fps)), False
+
+    def append(self, frame: np.ndarray):
+        from PIL import Image
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(frame)).save(buf, format="GIF")
+        b = buf.getvalue()
+        packed = b[10]                                       # logical screen descriptor flags
+        size = 3 * 2 ** ((packed & 7) + 1) if packed & 0x80 else 0
+        table, i = b[13:13 + size], 13 + size
+        while b[i] == 0x21:                                  # skip PIL's extension blocks
+            i += 2
+            while b[i]:
+                i += b[i] + 1
+            i += 1
+        desc = bytearray(b[i:i + 10])                        # image descriptor
+        if not desc[9] & 0x80:                               # move the global table into it
+            desc[9] = (desc[9] & 0x40) | 0x80 | (packed & 7)
+        else:
+            table = b""
+        if not self.started:
+            self.f.write(b"GIF89a" + b[6:10] + b"\x00\x00\x00")          # no global table
+            self.f.write(b"\x21\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00")  # loop forever
+            self.started = True
+        self.f.write(b"\x21\xf9\x04\x04" + self.delay.to_bytes(2, "little") + b"\x00\x00")
+        self.f.write(bytes(desc) + table + b[i + 10:-1])     # the frame's data, no trailer
+
+    def close(self):
+        self.f.write(b"\x3b")
+        self.f.close()
+
+
 def save_gif(path, frames: np.ndarray, fps: int = 8):
-    import imageio.v2 as imageio
+    """Write (T, H, W, 3) uint8 frames as a looping GIF."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    imageio.mimsave(path, list(frames), duration=1 / fps, loop=0)
+    w = GifWriter(path, fps)
+    for fr in frames:
+        w.append(fr)
+    w.close()
 
 
 # ------------------------------------------------------------------------------------------------
-# Drift metrics: toy ground truth instead of the paper's image-quality networks (the paper's drift metric:
-# split a long video into 5 segments; drift of a measure = slope of a linear fit across them)
+# Drift metrics v2: toy ground truth instead of the paper's image-quality networks. The paper's
+# drift: split a long video into 5 segments; the drift of a measure is the slope of a linear fit
+# of its segment means. Every appearance attribute of a clip persists in the data, so a clip's
+# own first block is its truth: hue error is measured against it, and value, saturation, size and
+# background should stay level.
 # ------------------------------------------------------------------------------------------------
 
-FG = 0.25     # a pixel is foreground if its brightest channel exceeds this (RGB in [0, 1])
+FG = 0.15     # a pixel belongs to a blob if its RGB differs from the background's by more
+MEASURES = ("hue_err", "value", "saturation", "size", "background", "speed", "jump")
+DESCRIPTIONS = {
+    "hue_err": "blob hue vs the nearest blob of the clip's first block (turns)",
+    "value": "blob brightness: HSV value at each blob's peak",
+    "saturation": "blob HSV saturation at the peak",
+    "size": "blob radius from its half-maximum area (pixels)",
+    "background": "background level (median pixel, mean of RGB)",
+    "speed": "blob speed: tracked centroid displacement (pixels / frame)",
+    "jump": "frame change at block boundaries / within blocks (1 = seamless)",
+}
 
 
 def _rgb(video):
@@ -128,99 +218,128 @@ def _rgb(video):
     return ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 1, 3, 4, 2)
 
 
-def _fg_mean(x, fg):
-    """Mean of x (B, T, H, W) over foreground pixels per frame (0 where a frame has none)."""
-    return (x * fg).sum((-1, -2)) / fg.sum((-1, -2)).clamp(min=1)
+def rgb_to_hsv(p):
+    """RGB (…, 3) in [0, 1] → hue (turns), saturation, value, each (…)."""
+    r, g, b = p.unbind(-1)
+    v, lo = p.amax(-1), p.amin(-1)
+    c = v - lo
+    safe = c.clamp(min=1e-6)
+    h = torch.where(v == r, ((g - b) / safe) % 6, torch.where(v == g, (b - r) / safe + 2,
+                                                              (r - g) / safe + 4)) / 6
+    return torch.where(c > 0, h % 1, torch.zeros_like(h)), c / v.clamp(min=1e-6), v
 
 
-def palette_error(video):
-    """Per frame: how far foreground pixels sit from the toy's colour rays {t·c : t ∈ [0, 1]}
-    (a blob is a palette colour c scaled by a Gaussian). 0 for the data, up for off-palette."""
-    p = _rgb(video)                                                       # (B, T, H, W, 3)
-    c = hiar.PALETTE.to(p.device)                                         # (P, 3)
-    t = ((p @ c.T) / (c * c).sum(-1)).clamp(0, 1)                         # (B, T, H, W, P)
-    d = (p[..., None, :] - t[..., None] * c).norm(dim=-1).amin(-1)        # (B, T, H, W)
-    return _fg_mean(d, p.amax(-1) > FG)
-
-
-def saturation(video):
-    """Mean HSV saturation (max − min) / max over foreground pixels, per frame."""
+def find_blobs(video, shapes: int) -> dict:
+    """Up to `shapes` blobs per frame, found without knowing the truth: the background is the
+    median colour; a blob is a local maximum of the colour distance to it; its region is the
+    pixels nearest to its peak above half the peak's distance (its half-maximum area).
+    video (B, T, 3, H, W) → dict of background (B, T, 3); per blob (B, T, S): valid, hue,
+    saturation, value (HSV of the peak pixel), radius, and centre (B, T, S, 2) as (x, y)."""
     p = _rgb(video)
-    hi, lo = p.amax(-1), p.amin(-1)
-    return _fg_mean((hi - lo) / hi.clamp(min=1e-6), hi > FG)
+    B, T, H, W, _ = p.shape
+    bg = p.flatten(2, 3).median(2).values                                   # (B, T, 3)
+    dist = (p - bg[:, :, None, None]).norm(dim=-1)                          # (B, T, H, W)
+    flat = dist.reshape(B * T, 1, H, W)
+    is_peak = (flat == F.max_pool2d(flat, 3, 1, 1)).reshape(B, T, H * W) & (
+        dist.reshape(B, T, H * W) > FG)
+    score, idx = torch.where(is_peak, dist.reshape(B, T, -1), -1.0).topk(shapes, -1)  # (B,T,S)
+    valid = score > FG
+    peak_rgb = p.reshape(B, T, H * W, 3).gather(2, idx[..., None].expand(-1, -1, -1, 3))
+    hue, sat, val = rgb_to_hsv(peak_rgb)
+    ys = torch.arange(H, device=p.device, dtype=torch.float32)[:, None]
+    xs = torch.arange(W, device=p.device, dtype=torch.float32)[None, :]
+    d2 = ((ys - (idx // W)[..., None, None]) ** 2 + (xs - (idx % W)[..., None, None]) ** 2)
+    d2 = d2.masked_fill(~valid[..., None, None], float("inf"))              # (B, T, S, H, W)
+    owner = F.one_hot(d2.argmin(2), shapes).permute(0, 1, 4, 2, 3).bool()  # (B, T, S, H, W)
+    region = owner & (dist[:, :, None] > 0.5 * score[..., None, None])
+    area = region.sum((-1, -2)).float()
+    radius = (area / (2 * math.pi * math.log(2))).sqrt()  # half-max area of a Gaussian: 2π·ln2·σ²
+    w = dist[:, :, None] * region
+    mass = w.sum((-1, -2)).clamp(min=1e-6)
+    centre = torch.stack([(w * xs).sum((-1, -2)) / mass, (w * ys).sum((-1, -2)) / mass], -1)
+    return dict(background=bg, valid=valid, hue=hue, saturation=sat, value=val, radius=radius,
+                centre=centre)
 
 
-def brightness(video):
-    """Mean HSV value (brightest channel) over all pixels, per frame."""
-    return _rgb(video).amax(-1).mean((-1, -2))
+def _mean_valid(x, valid):
+    """Mean over blobs (last dim) of the valid ones; NaN where a frame has none. (B, T)"""
+    n = valid.sum(-1)
+    s = torch.where(valid, x, torch.zeros_like(x)).sum(-1)
+    return torch.where(n > 0, s / n.clamp(min=1), torch.full_like(s, float("nan")))
 
 
-def foreground(video):
-    """Fraction of foreground pixels per frame: the shapes' total area (conserved in the data)."""
-    return (_rgb(video).amax(-1) > FG).float().mean((-1, -2))
+class DriftMeter:
+    """Per-frame measures of a video fed block by block (any number of frames at a time), summed
+    per segment, so a video of any length is measured in flat memory.
+    result() → {measure: (level (B,), drift (B,))}: level = mean over the video, drift = slope of
+    the segment means per segment (paper's definition, 5 segments)."""
 
+    def __init__(self, frames: int, block: int, shapes: int, segments: int = 5):
+        if frames < segments * block:
+            raise ValueError(f"frames={frames} is too short for {segments} segments of at least "
+                             f"one block ({block} frames)")
+        self.frames, self.block, self.shapes, self.segments = frames, block, shapes, segments
+        self.seg_len = frames // segments
+        self.t, self.prev, self.ref_hue, self.sums = 0, None, None, {}
 
-def sharpness(video):
-    """Variance of the Laplacian of the grey image, per frame (falls as shapes blur)."""
-    g = _rgb(video).mean(-1)                                              # (B, T, H, W)
-    B, T, H, W = g.shape
-    k = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]], device=g.device)[None, None]
-    lap = torch.nn.functional.conv2d(g.reshape(B * T, 1, H, W), k)
-    return lap.reshape(B, T, -1).var(-1)
+    def _add(self, name: str, values):
+        """Accumulate per-frame values (B, T') of the frames self.t … into their segments."""
+        B, T = values.shape
+        seg = torch.arange(self.t, self.t + T) // self.seg_len
+        keep = seg < self.segments                      # frames past the last segment: ignored
+        s, c = self.sums.setdefault(name, (torch.zeros(B, self.segments),
+                                           torch.zeros(B, self.segments)))
+        ok = torch.isfinite(values) & keep
+        s.index_add_(1, seg.clamp(max=self.segments - 1), torch.where(ok, values, 0.0))
+        c.index_add_(1, seg.clamp(max=self.segments - 1), ok.float())
 
+    @torch.no_grad()
+    def update(self, chunk):
+        """chunk (B, T', 3, H, W) in [-1, 1]: the next T' frames of the videos."""
+        chunk = chunk.detach().float().cpu()
+        blobs = find_blobs(chunk, self.shapes)
+        if self.ref_hue is None:                        # the clip's own truth: its first block
+            first = slice(0, self.block)
+            self.ref_hue = blobs["hue"][:, first].flatten(1)
+            self.ref_ok = (blobs["valid"] & (blobs["saturation"] > 0.2))[:, first].flatten(1)
+        diff = (blobs["hue"][..., None] - self.ref_hue[:, None, None]).abs()
+        circ = torch.minimum(diff, 1 - diff).masked_fill(~self.ref_ok[:, None, None], 1.0)
+        self._add("hue_err", _mean_valid(circ.amin(-1), blobs["valid"]))
+        for name in ("value", "saturation"):
+            self._add(name, _mean_valid(blobs[name], blobs["valid"]))
+        self._add("size", _mean_valid(blobs["radius"], blobs["valid"]))
+        self._add("background", blobs["background"].mean(-1))
+        # speed: each blob to the nearest blob of the frame before; jump: change at block starts
+        prev_frame = chunk[:, :1] if self.prev is None else self.prev[0]
+        prev_centre = blobs["centre"][:, :1] if self.prev is None else self.prev[1]
+        prev_valid = blobs["valid"][:, :1] if self.prev is None else self.prev[2]
+        c_prev = torch.cat([prev_centre, blobs["centre"][:, :-1]], 1)        # (B, T', S, 2)
+        v_prev = torch.cat([prev_valid, blobs["valid"][:, :-1]], 1)
+        step = (blobs["centre"][..., :, None, :] - c_prev[..., None, :, :]).norm(dim=-1)
+        step = step.masked_fill(~v_prev[..., None, :], float("inf")).amin(-1)  # (B, T', S)
+        speed = _mean_valid(step, blobs["valid"] & torch.isfinite(step))
+        change = (chunk - torch.cat([prev_frame, chunk[:, :-1]], 1)).abs().mean((2, 3, 4)) / 2
+        t = torch.arange(self.t, self.t + chunk.shape[1])
+        if self.prev is None:                           # the first frame has no predecessor
+            speed[:, 0], change[:, 0] = float("nan"), float("nan")
+        self._add("speed", speed)
+        boundary = (t % self.block == 0)[None].expand_as(change)
+        self._add("change_boundary", torch.where(boundary, change, float("nan")))
+        self._add("change_inside", torch.where(~boundary, change, float("nan")))
+        self.prev = (chunk[:, -1:], blobs["centre"][:, -1:], blobs["valid"][:, -1:])
+        self.t += chunk.shape[1]
 
-def flicker(video):
-    """|change of mean brightness| from the previous frame (0 for the first frame)."""
-    v = brightness(video)
-    return torch.cat([torch.zeros_like(v[:, :1]), (v[:, 1:] - v[:, :-1]).abs()], 1)
-
-
-def _colour_mass(video):
-    """Each foreground pixel given to its nearest palette colour (by angle): per frame and colour
-    the total intensity (B, T, P), and the intensity-weighted maps (B, T, H, W, P)."""
-    p = _rgb(video)
-    c = hiar.PALETTE.to(p.device)
-    hi = p.amax(-1)
-    cos = (p @ c.T) / (p.norm(dim=-1, keepdim=True) * c.norm(dim=-1) + 1e-6)   # (B,T,H,W,P)
-    w = torch.nn.functional.one_hot(cos.argmax(-1), len(c)) * (hi * (hi > FG))[..., None]
-    return w.sum((2, 3)), w
-
-
-def colours(video):
-    """How many palette colours are present (at least a blob's worth of intensity), per frame.
-    The data has `shapes` distinct colours in every frame; a collapsing model has fewer."""
-    return (_colour_mass(video)[0] > 1.0).sum(-1).float()
-
-
-def speed(video):
-    """Estimated speed of the shapes (pixels / frame): each foreground pixel is given to its
-    nearest palette colour; per colour the intensity-weighted centroid is tracked between frames.
-    Per frame the mean over colours seen in both frames (0 for the first frame)."""
-    mass, w = _colour_mass(video)                                          # (B, T, P), maps
-    H, W = w.shape[2:4]
-    ys, xs = torch.meshgrid(torch.arange(H, device=w.device),
-                            torch.arange(W, device=w.device), indexing="ij")
-    cx = (w * xs[..., None]).sum((2, 3)) / mass.clamp(min=1e-6)
-    cy = (w * ys[..., None]).sum((2, 3)) / mass.clamp(min=1e-6)
-    seen = mass > 0.5                                                      # a blob's worth
-    both = seen[:, 1:] & seen[:, :-1]
-    step = ((cx[:, 1:] - cx[:, :-1]) ** 2 + (cy[:, 1:] - cy[:, :-1]) ** 2).sqrt()
-    v = (step * both).sum(-1) / both.sum(-1).clamp(min=1)
-    return torch.cat([torch.zeros_like(v[:, :1]), v], 1)
-
-
-MEASURES = {"palette_err": palette_error, "saturation": saturation, "brightness": brightness,
-            "foreground": foreground, "sharpness": sharpness, "colours": colours, "speed": speed,
-            "flicker": flicker}
-
-
-def segment_means(per_frame, segments: int = 5):
-    """(B, T) per-frame values → (B, segments) means over equal consecutive segments."""
-    B, T = per_frame.shape
-    if T < segments:
-        raise ValueError(f"frames={T} is too short for {segments} segments")
-    usable = T - T % segments
-    return per_frame[:, :usable].reshape(B, segments, -1).mean(-1)
+    def result(self) -> dict:
+        if self.t < self.seg_len * self.segments:
+            raise ValueError(f"only {self.t} of {self.seg_len * self.segments} frames measured")
+        seg = {k: s / c.clamp(min=1) for k, (s, c) in self.sums.items()}
+        seg["jump"] = seg.pop("change_boundary") / seg.pop("change_inside").clamp(min=1e-6)
+        out = {}
+        for name in MEASURES:
+            level = seg[name].mean(-1) if name == "jump" else (
+                self.sums[name][0].sum(-1) / self.sums[name][1].sum(-1).clamp(min=1))
+            out[name] = (level, drift_slope(seg[name]))
+        return out
 
 
 def drift_slope(seg):
@@ -230,322 +349,251 @@ def drift_slope(seg):
     return ((seg - seg.mean(-1, keepdim=True)) * x).sum(-1) / (x * x).sum()
 
 
-def drift_metrics(video, segments: int = 5) -> dict:
-    """{measure: (level (B,), drift (B,))}: level = mean over the whole video, drift = slope of
-    its segment means per segment (paper's definition)."""
-    out = {}
-    for name, fn in MEASURES.items():
-        v = fn(video)
-        if name in ("speed", "flicker"):       # defined from the second frame on
-            v = v[:, 1:]
-        out[name] = (v.mean(-1), drift_slope(segment_means(v, segments)))
-    return out
+def drift_metrics(video, block: int, shapes: int, segments: int = 5) -> dict:
+    """{measure: (level (B,), drift (B,))} of a whole video (B, T, 3, H, W)."""
+    meter = DriftMeter(video.shape[1], block, shapes, segments)
+    meter.update(video)
+    return meter.result()
+
+
+def drift_score(result: dict, data: dict) -> torch.Tensor:
+    """One number per video: the mean over measures of |drift| in units of the data's spread
+    between videos (std of the measure's level over the data videos), so a measure whose data
+    level is tiny cannot dominate; 0 = no drift. (B,)"""
+    parts = []
+    for name in MEASURES:
+        spread = data[name][0].std().clamp(min=1e-3)
+        parts.append(result[name][1].abs() / spread)
+    return torch.stack(parts).mean(0)
+
+
+def metric_table(results: dict, data_key: str = "data") -> str:
+    """Markdown: per video set, each measure's level and drift (mean ± std over videos), and the
+    composite drift score."""
+    data = results[data_key]
+    lines = ["| video | " + " | ".join(MEASURES) + " | drift score |",
+             "|---" * (len(MEASURES) + 2) + "|"]
+    for label, m in results.items():
+        cells = [f"{m[n][0].nanmean():.3f} ({m[n][1].nanmean():+.4f})" for n in MEASURES]
+        score = drift_score(m, data)
+        cells.append(f"{score.mean():.2f} ± {score.std():.2f}" if len(score) > 1
+                     else f"{score.mean():.2f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + ("\n\nEach cell: mean level (drift = slope per segment over 5 "
+                              "segments). Drift score: mean |drift| in units of the data's "
+                              "spread between videos, ± std over videos.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Streaming generation: a sampler as a stream of blocks
+# ------------------------------------------------------------------------------------------------
+
+SAMPLER_NAMES = ("block", "step", "pipelined")
+
+
+def block_stream(model, sampler: str, noise, frames: int, label, context_t: str,
+                 streams: int = 2, x0_bias=0.0):
+    """The named sampler as a generator of finished blocks (B, b, 3, H, W)."""
+    if sampler == "block":
+        return hiar.block_major(model, noise, frames, label, x0_bias=x0_bias)
+    if sampler == "step":
+        return hiar.step_major(model, noise, frames, label, context_t, x0_bias=x0_bias)
+    if x0_bias:
+        raise CLIError("--bias is not available with --sampler pipelined; use step (the same "
+                       "video)")
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return hiar.distributed(model, noise, frames, label, context_t)
+    except ImportError:
+        pass
+    return hiar.pipelined(model, noise, frames, label, context_t, streams=streams)
+
+
+def data_stream(cfg: hiar.Config, num: int, seed: int, frames: int, label):
+    """Ground-truth clips with the same labels, block by block (flat memory)."""
+    for n in range(frames // cfg.block):
+        g = torch.Generator().manual_seed(seed)
+        yield hiar.moving_shapes(cfg, num, g, cfg.block, label, start=n * cfg.block)[0]
 
 
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
 
-HERE = Path(__file__).resolve().parent
-SAMPLER_NAMES = ("block", "step", "pipelined")
-
-
-class SampleError(RuntimeError):
-    pass
-
-
-def resolve_ckpt(name: str) -> Path:
-    """A path, or the name of a shipped checkpoint (hiar, self_forcing, hiar_no_fkl, …)."""
-    p = Path(name)
-    if p.suffix == ".pt" or p.exists():
-        if not p.is_file():
-            raise SampleError(f"--ckpt {name}: no such file")
-        return p
-    shipped = HERE / "checkpoints" / f"{name}.pt"
-    if not shipped.is_file():
-        have = sorted(q.stem for q in (HERE / "checkpoints").glob("*.pt"))
-        raise SampleError(f"--ckpt {name}: not a file and not a shipped checkpoint {have}")
-    return shipped
-
-
-def load_student(name: str, device) -> tuple[hiar.VideoDiT, dict]:
-    """The sampling weights (EMA where present) and the checkpoint's metadata."""
-    path = resolve_ckpt(name)
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = hiar.Config.from_dict(ck["config"])
-        model = hiar.VideoDiT(cfg)
-        model.load_state_dict(ck["ema"] if "ema" in ck else ck["model"])
-    except Exception as e:                     # unreadable, foreign or mismatched file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SampleError(f"--ckpt {path}: not a usable checkpoint ({first})") from None
-    if ck.get("stage") == "teacher":
-        raise SampleError(f"--ckpt {path}: is the bidirectional teacher; sample a student "
-                          "(hiar, self_forcing, hiar_no_fkl or a run's student checkpoint)")
-    meta = {k: ck[k] for k in ("stage", "order", "fkl_weight", "context_t", "note") if k in ck}
-    return model.to(device).eval(), meta
-
-
-def run_sampler(model, noise, sampler: str, context_t: str, streams: int = 2):
-    if sampler == "block":
-        return hiar.sample_block_major(model, noise)
-    if sampler == "step":
-        return hiar.sample_step_major(model, noise, context_t=context_t)
-    if sampler == "pipelined":
-        if dist.is_available() and dist.is_initialized():
-            return hiar.sample_distributed(model, noise, context_t=context_t)
-        return hiar.sample_pipelined(model, noise, context_t=context_t, streams=streams)
-    raise SampleError(f"--sampler {sampler!r}: choose from {SAMPLER_NAMES}")
-
-
-def metric_table(videos: dict) -> str:
-    """Markdown table: per video set, each measure's mean level and drift (mean ± std over
-    videos)."""
-    names = list(MEASURES)
-    lines = ["| video | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for label, v in videos.items():
-        m = drift_metrics(v)
-        cells = []
-        for n in names:
-            level, slope = m[n]
-            cells.append(f"{level.mean():.3f} ({slope.mean():+.4f}±{slope.std():.4f})"
-                         if len(slope) > 1 else f"{level.mean():.3f} ({slope.mean():+.4f})")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + ("\n\nEach cell: mean level (drift = slope per segment over "
-                              "5 segments, ± std over videos).")
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", default="hiar", help="checkpoint path or shipped name "
-                   "(hiar, self_forcing, hiar_no_fkl)")
-    p.add_argument("--sampler", default=None,
-                   help="block, step or pipelined (default: block and step side by side)")
+    p.add_argument("--ckpt", default="ode_init", help="checkpoint path or shipped name")
+    p.add_argument("--sampler", default=None, help="block, step or pipelined (default: the "
+                   "checkpoint's own order; both side by side for the ODE-init student)")
     p.add_argument("--frames", type=int, default=None,
-                   help="frames per video (default: the config's sample_frames, 8× training)")
-    p.add_argument("-n", "--num", type=int, default=4,
-                   help="number of videos (under torchrun write -n: it takes --num for its own)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--context-t", default="next", help="step-major context level: "
-                   "current (t_j), next (t_{j+1}) or clean")
+                   help="frames per video (default 8× the training length)")
+    p.add_argument("-n", "--num", type=int, default=4, help="number of videos")
+    p.add_argument("--seed", type=int, default=0, help="video i uses noise seed (seed, i)")
+    p.add_argument("--label", default=None, help="colour family 0..labels-1 for every video, or "
+                   "'none' (unconditional); default: video i gets i mod labels")
+    p.add_argument("--context-t", default=None, help="step-major context level: current (t_j), "
+                   "next (t_{j+1}) or clean (default: the checkpoint's)")
     p.add_argument("--streams", type=int, default=2, help="pipelined: number of streams")
+    p.add_argument("--bias", type=float, default=0.0, help="add this constant to every x0 "
+                   "prediction: a stand-in for a model's systematic error (default 0)")
     p.add_argument("--gif", default="samples/sample.gif", help="GIF to write ('' = none)")
-    p.add_argument("--npy", default=None, help="write the raw uint8 videos (num, T, H, W, 3)")
-    p.add_argument("--pt", default=None, help="write the float videos (num, T, 3, H, W)")
+    p.add_argument("--npy", default=None, help="write uint8 videos (num, T, H, W, 3), one file "
+                   "per sampler (memory-mapped, streamed)")
+    p.add_argument("--mp4", default=None, help="write an MP4 of the grid (needs the optional "
+                   "imageio-ffmpeg: pip install imageio-ffmpeg)")
+    p.add_argument("--no-metrics", action="store_true", help="skip the drift metrics table")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: autodetect)")
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    from train_toy import TrainingError, pick_device
-    samplers = [args.sampler] if args.sampler else ["block", "step"]
+def _writable(path: str, flag: str) -> Path:
+    """Check an output path before any work is done: its folder can be made and written to."""
+    p = Path(path)
+    if p.is_dir():
+        raise CLIError(f"{flag} {path}: is a directory; give a file name")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "ab"):
+            pass
+    except OSError as e:
+        raise CLIError(f"{flag} {path}: cannot write there ({e.strerror})") from None
+    return p
+
+
+def check_args(args, cfg: hiar.Config, meta: dict) -> dict:
+    """Every flag checked against the model before generating; returns the resolved choices."""
+    samplers = ([args.sampler] if args.sampler else
+                [meta["order"]] if meta.get("order") else ["block", "step"])
     for s in samplers:
         if s not in SAMPLER_NAMES:
-            raise SampleError(f"--sampler {s!r}: choose from {SAMPLER_NAMES}")
-    if args.context_t not in hiar.CONTEXT_LEVELS:
-        raise SampleError(f"--context-t {args.context_t!r}: choose from {hiar.CONTEXT_LEVELS}")
+            raise CLIError(f"--sampler {s!r}: choose one of {', '.join(SAMPLER_NAMES)}")
+    context_t = args.context_t or meta.get("context_t") or cfg.context_t
+    if context_t not in hiar.CONTEXT_LEVELS:
+        raise CLIError(f"--context-t {context_t!r}: choose one of {', '.join(hiar.CONTEXT_LEVELS)}")
+    frames = 8 * cfg.frames if args.frames is None else args.frames
+    if frames < 1 or frames % cfg.block:
+        raise CLIError(f"--frames {frames}: must be a positive multiple of the block size "
+                       f"{cfg.block}")
     if args.num < 1:
-        raise SampleError(f"--num {args.num}: must be >= 1")
-    try:
-        dev = pick_device(args.device)
-    except TrainingError as e:
-        raise SampleError(str(e)) from None
+        raise CLIError(f"--num {args.num}: must be >= 1")
+    if args.seed < 0:
+        raise CLIError(f"--seed {args.seed}: must be >= 0")
+    if "pipelined" in samplers and not 1 <= args.streams <= cfg.K:
+        raise CLIError(f"--streams {args.streams}: must be in [1, K={cfg.K}] (one stage per "
+                       "group of steps)")
+    if not math.isfinite(args.bias) or abs(args.bias) > 1:
+        raise CLIError(f"--bias {args.bias}: must be a number in [-1, 1]")
+    if args.label is None:
+        label = torch.arange(args.num) % cfg.labels if cfg.labels else None
+    elif args.label == "none":
+        label = torch.full((args.num,), -1) if cfg.labels else None
+    else:
+        try:
+            k = int(args.label)
+        except ValueError:
+            k = None
+        if k is None or not 0 <= k < max(cfg.labels, 1) or not cfg.labels:
+            allowed = f"0..{cfg.labels - 1} or 'none'" if cfg.labels else "'none' (unconditional)"
+            raise CLIError(f"--label {args.label}: must be {allowed}")
+        label = torch.full((args.num,), k)
+    if args.mp4:
+        try:
+            import imageio_ffmpeg  # noqa: F401
+        except ImportError:
+            raise CLIError("--mp4 needs the optional imageio-ffmpeg: pip install imageio-ffmpeg "
+                           "(or use --gif / --npy)") from None
+    return dict(samplers=samplers, context_t=context_t, frames=frames, label=label)
+
+
+def main(argv=None):
+    from tqdm import tqdm
+    args = parse_args(argv)
+    dev = pick_device(args.device)
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
+        import torch.distributed as dist
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         if dev.type == "cuda":
             dev = torch.device("cuda", dist.get_rank() % torch.cuda.device_count())
+        if args.sampler != "pipelined":
+            raise CLIError("under torchrun, use --sampler pipelined (one stage per process)")
     model, meta = load_student(args.ckpt, dev)
     cfg = model.cfg
-    frames = cfg.sample_frames if args.frames is None else args.frames
-    if frames < 1 or frames % cfg.block:
-        raise SampleError(f"--frames {frames}: must be a positive multiple of the block "
-                          f"size {cfg.block}")
-    g = torch.Generator().manual_seed(args.seed)
-    data, _ = hiar.moving_shapes(cfg, args.num, g, frames)
-    noise = hiar.noise_bank(cfg, args.num, frames, g, dev)
-    videos = {"data": data}
-    with torch.no_grad():
-        for s in samplers:
-            label = f"{Path(args.ckpt).stem}: {s if s == 'pipelined' else s + '-major'}"
-            videos[label] = run_sampler(model, noise, s, args.context_t, args.streams).cpu()
-    if distributed and dist.get_rank() != 0:
+    c = check_args(args, cfg, meta)
+    samplers, frames, label = c["samplers"], c["frames"], c["label"]
+    writer_rank = (not distributed) or dist.get_rank() == dist.get_world_size() - 1
+    # outputs are checked (and opened) before any work, so a bad path loses nothing
+    name = Path(args.ckpt).stem
+    rows = {"data": None, **{f"{name}: {s}" + ("" if s == "pipelined" else "-major"): s
+                             for s in samplers}}
+    outs, npy_paths = {}, {}
+    if writer_rank:
+        for flag, path in (("--gif", args.gif), ("--mp4", args.mp4)):
+            if path:
+                outs[flag] = _writable(path, flag)
+        if args.npy:
+            base = Path(args.npy)
+            for row, s in list(rows.items())[1:]:
+                p = base if len(samplers) == 1 else base.with_name(f"{base.stem}_{s}{base.suffix}")
+                npy_paths[row] = _writable(str(p), "--npy")
+    noise = hiar.Noise(cfg, [args.seed * 1_000_003 + i for i in range(args.num)], dev)
+    streams = {"data": data_stream(cfg, args.num, args.seed, frames, label)}
+    for row, s in list(rows.items())[1:]:
+        streams[row] = block_stream(model, s, noise, frames, label, c["context_t"], args.streams,
+                                    args.bias)
+    if not writer_rank:                                 # a middle stage of the torchrun pipeline
+        with torch.no_grad():
+            for _ in streams[list(rows)[-1]]:
+                pass
         return
-    made = dict(zip(samplers, list(videos.values())[1:]))
-    for path, write in ((args.npy, lambda p, v: np.save(p, to_uint8(v))),
-                        (args.pt, lambda p, v: torch.save(v, p))):
-        for s, v in (made.items() if path else []):   # one file per sampler: (num, T, …)
-            p = path if len(made) == 1 else str(Path(path).with_stem(f"{Path(path).stem}_{s}"))
-            write(p, v)
-            print(f"wrote {p}")
-    if args.gif:
-        save_gif(args.gif, grid_frames({k: to_uint8(v) for k, v in videos.items()},
-                                       per_row=min(args.num, 4)))
-        print(f"wrote {args.gif}")
-    if frames >= 5:
-        print(metric_table(videos))
-
-
-# ------------------------------------------------------------------------------------------------
-# Benchmark: python sample.py bench  (prints a table; asserts nothing about time)
-# ------------------------------------------------------------------------------------------------
-
-def _timed(fn, threads: int, K: int, repeats: int, dev=torch.device("cpu")):
-    """Best-of-`repeats` wall time of fn() with `threads` intra-op threads, and the time at which
-    block 0 came out finished (its cell at the last step), via a wrapper around hiar.cell."""
-    import time
-    torch.set_num_threads(threads)
-    real_cell, best = hiar.cell, None
-    stamp = {"t0": time.perf_counter(), "first": None}
-
-    def first_block_cell(ctx, x, n, j, *a, **kw):
-        out = real_cell(ctx, x, n, j, *a, **kw)
-        if n == 0 and j == K - 1 and stamp["first"] is None:
-            _sync(dev)
-            stamp["first"] = time.perf_counter() - stamp["t0"]
-        return out
-    hiar.cell = first_block_cell
-    try:
-        fn()                                                            # warm-up
-        for _ in range(repeats):
-            _sync(dev)
-            stamp.update(t0=time.perf_counter(), first=None)
-            fn()
-            _sync(dev)
-            total = time.perf_counter() - stamp["t0"]
-            if best is None or total < best[0]:
-                best = (total, stamp["first"])
-    finally:
-        hiar.cell = real_cell
-    return best
-
-
-def _probe(args):
-    """Child process of the benchmark: per-frame time and peak memory of one long sample."""
-    import json
-    import resource
-    import time
-    cfg, dev = hiar.Config.preset(args.preset), torch.device(args.device)
-    model = hiar.VideoDiT(cfg).eval().to(dev)
-    noise = hiar.noise_bank(cfg, args.batch, args.frames, torch.Generator().manual_seed(0), dev)
-    held, real_append = [0], hiar.KVCache.append
-
-    def spy(self, layer, k, v, frame):
-        real_append(self, layer, k, v, frame)
-        held[0] = max(held[0], self.k[layer].shape[-2] // cfg.tokens_per_frame)
-    hiar.KVCache.append = spy
-    fn = {"block": hiar.sample_block_major, "step": hiar.sample_step_major}[args.sampler]
+    npys, gif, mp4 = {}, None, None
+    for row, p in npy_paths.items():
+        npys[row] = np.lib.format.open_memmap(p, mode="w+", dtype=np.uint8,
+                                              shape=(args.num, frames, cfg.size, cfg.size, 3))
+    if "--gif" in outs:
+        gif = GifWriter(outs["--gif"])
+    if "--mp4" in outs:
+        import imageio.v2 as imageio
+        mp4 = imageio.get_writer(outs["--mp4"], fps=8, macro_block_size=1)
+    measure = not args.no_metrics and frames >= 5 * cfg.block
+    meters = {row: DriftMeter(frames, cfg.block, cfg.shapes) for row in rows} if measure else {}
+    bar = tqdm(total=frames, desc="frames", unit="frame", disable=None)
+    t = 0
     with torch.no_grad():
-        fn(model, noise[:, :cfg.frames // cfg.block])                  # warm-up: 1x length
-        _sync(dev)
-        t = time.perf_counter()
-        fn(model, noise)
-        _sync(dev)
-        took = time.perf_counter() - t
-    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
-    print(json.dumps({"per_frame_ms": 1000 * took / args.frames, "peak_mb": peak,
-                      "cache_frames": held[0]}))
-
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def bench_main(argv=None):
-    import json
-    import subprocess
-    p = argparse.ArgumentParser(prog="sample.py bench", description="Sampler speed and memory "
-                                "(ratios measured in one run on this machine).")
-    p.add_argument("--preset", default="toy")
-    p.add_argument("--batch", type=int, default=8, help="videos generated together")
-    p.add_argument("--blocks", type=int, default=16, help="blocks per video (N)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2, help="total CPU threads")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--probe", nargs=2, metavar=("FRAMES", "SAMPLER"), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.probe:
-        args.frames, args.sampler = int(args.probe[0]), args.probe[1]
-        return _probe(args)
-    cfg = hiar.Config.preset(args.preset)
-    torch.manual_seed(0)
-    dev = torch.device(args.device)
-    model = hiar.VideoDiT(cfg).eval().to(dev)         # speed does not depend on the weights
-    K, N, T = cfg.K, args.blocks, args.threads
-    noise = hiar.noise_bank(cfg, args.batch, N * cfg.block, torch.Generator().manual_seed(0),
-                            dev)
-    frames = N * cfg.block * args.batch
-    runs = [
-        ("block-major, sequential", T, lambda: hiar.sample_block_major(model, noise)),
-        ("step-major, sequential", T, lambda: hiar.sample_step_major(model, noise)),
-        ("step-major, sequential, fused", T,
-         lambda: hiar.sample_step_major(model, noise, fused=True)),
-        (f"pipelined S=1 ({T} threads)", T,
-         lambda: hiar.sample_pipelined(model, noise, streams=1, threads_per_stream=T)),
-        (f"pipelined S=2 ({T // 2} thread each)", T,
-         lambda: hiar.sample_pipelined(model, noise, streams=2, threads_per_stream=T // 2)),
-        (f"pipelined S=2, fused ({T // 2} thread each)", T,
-         lambda: hiar.sample_pipelined(model, noise, streams=2, threads_per_stream=T // 2,
-                                       fused=True)),
-        ("block-major, sequential, 1 thread", 1, lambda: hiar.sample_block_major(model, noise)),
-        ("step-major, sequential, 1 thread", 1, lambda: hiar.sample_step_major(model, noise)),
-        ("step-major, sequential, fused, 1 thread", 1,
-         lambda: hiar.sample_step_major(model, noise, fused=True)),
-    ]
-    print(f"# sample.py bench: preset {args.preset}, {dev.type}, batch {args.batch}, "
-          f"N={N} blocks of "
-          f"{cfg.block} frames, K={K}, best of {args.repeats}\n")
-    print("| sampler | threads | frames/s | time to first block (s) | vs block-major |")
-    print("|---|---|---|---|---|")
-    res = {}
-    threads_before = torch.get_num_threads()
-    with torch.no_grad():
-        for name, threads, fn in runs:
-            total, first = _timed(fn, threads, K, args.repeats, dev)
-            res[name] = total
-            print(f"| {name} | {threads} | {frames / total:.1f} | {first:.3f} | "
-                  f"{res[runs[0][0]] / total:.2f}x |", flush=True)
-    torch.set_num_threads(threads_before)
-    ideal = N * 2 / (N + 2 - 1)
-    eff = res["step-major, sequential, 1 thread"] / res[runs[4][0]]
-    eff_f = res["step-major, sequential, fused, 1 thread"] / res[runs[5][0]]
-    print(f"\n2-stream pipeline over sequential step-major at 1 thread: {eff:.2f}x unfused, "
-          f"{eff_f:.2f}x fused; ideal N*S/(N+S-1) = {ideal:.2f}x -> {100 * eff / ideal:.0f}% / "
-          f"{100 * eff_f / ideal:.0f}% of ideal")
-    print(f"pipelined step-major (fused, S=2) over block-major sequential, {T} threads: "
-          f"{res[runs[0][0]] / res[runs[5][0]]:.2f}x")
-    mem = "peak CUDA memory (MB)" if dev.type == "cuda" else "peak RSS (MB)"
-    print(f"\n| sampler | video length | per-frame time (ms) | {mem} | KV cache (frames) |")
-    print("|---|---|---|---|---|")
-    per = {}
-    for sampler in ("block", "step"):
-        for mult in (1, 2, 10):
-            out = subprocess.run([sys.executable, __file__, "bench", "--preset", args.preset,
-                                  "--batch", str(args.batch), "--device", args.device, "--probe",
-                                  str(mult * cfg.frames), sampler],
-                                 capture_output=True, text=True, check=True,
-                                 env={**os.environ, "OMP_NUM_THREADS": str(T)})
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            per[sampler, mult] = r["per_frame_ms"]
-            print(f"| {sampler}-major | {mult}x ({mult * cfg.frames} frames) | "
-                  f"{r['per_frame_ms']:.2f} | {r['peak_mb']:.0f} | {r['cache_frames']} |",
-                  flush=True)
-    for sampler in ("block", "step"):
-        print(f"{sampler}-major per-frame time at 10x / 1x: "
-              f"{per[sampler, 10] / per[sampler, 1]:.2f}, 10x / 2x: "
-              f"{per[sampler, 10] / per[sampler, 2]:.2f} (the first window's blocks see less "
-              "context than every later block)")
+        for blocks in zip(*streams.values()):           # block n of every row, in step
+            uint8 = {}
+            for row, x in zip(rows, blocks):
+                if row in meters:
+                    meters[row].update(x)
+                uint8[row] = to_uint8(x)
+                if row in npys:
+                    npys[row][:, t:t + x.shape[1]] = uint8[row]
+            if gif or mp4:
+                for fr in grid_frames(uint8, per_row=min(args.num, 4)):
+                    gif and gif.append(fr)
+                    mp4 and mp4.append_data(fr)
+            t += blocks[0].shape[1]
+            bar.update(blocks[0].shape[1])
+    bar.close()
+    for arr in npys.values():
+        arr.flush()
+    if gif:
+        gif.close()
+    if mp4:
+        mp4.close()
+    for p in list(outs.values()) + list(npy_paths.values()):
+        print(f"wrote {p}")
+    if meters:
+        print(metric_table({row: m.result() for row, m in meters.items()}))
 
 
 if __name__ == "__main__":
     try:
-        if sys.argv[1:2] == ["bench"]:
-            bench_main(sys.argv[2:])
-        else:
-            main()
-    except SampleError as e:
+        main()
+    except (CLIError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
