@@ -1,11 +1,14 @@
-"""Regenerate the README's evidence: long rollouts of every shipped model, drift metrics over
-5 segments, mean ± std over sampling seeds, a drift-curve figure and the side-by-side GIF.
+"""Regenerate the README's evidence from the shipped checkpoints: long rollouts of each row,
+drift metrics v2 (sample.DriftMeter) at 8× and 40× the training length, mean ± std over
+sampling seeds (and over training seeds where a row has several checkpoints), drift curves and a
+side-by-side GIF.
 
-    python scripts/evidence.py                      # ~10 min on the 2-core CPU
-    python scripts/evidence.py --seeds 0 1 2 --num 8 --frames 96
+    python scripts/evidence.py                     # every row whose checkpoints are shipped
+    python scripts/evidence.py --seeds 0 1 2 --num 8 --long 40
 
-Writes docs/evidence.md (the table), docs/evidence.json, docs/drift_curves.png (needs
-matplotlib, the notebook extra) and docs/hiar_vs_self_forcing.gif.
+Writes docs/evidence.json, docs/evidence.md (full table), docs/evidence_summary.md (≤ 6
+columns), docs/drift_curves.png (needs matplotlib, the notebook extra) and docs/drift_40x.gif.
+Videos stream through the meters block by block, so memory does not grow with the length.
 """
 from __future__ import annotations
 
@@ -22,140 +25,186 @@ sys.path.insert(0, str(ROOT))
 import hiar  # noqa: E402
 import sample  # noqa: E402
 
-# (row label, checkpoint, sampler, context level)
+# (row label, checkpoint names (one per training seed), sampler, context level, x0 bias)
 ROWS = [
-    ("ODE-init student, block-major", "ode_init", "block", "next"),
-    ("ODE-init student, step-major", "ode_init", "step", "next"),
-    ("Self-Forcing-style (block-major DMD)", "self_forcing", "block", "next"),
-    ("HiAR (step-major DMD + FKL)", "hiar", "step", "next"),
-    ("HiAR without FKL", "hiar_no_fkl", "step", "next"),
-    ("HiAR, context t_j (inference only)", "hiar", "step", "current"),
-    ("HiAR, context clean (inference only)", "hiar", "step", "clean"),
-    ("HiAR, context t_j (trained and sampled)", "hiar_ctx_current", "step", "current"),
-    ("Self-Forcing-style, 4x DMD batch (GPU)", "self_forcing_batch32", "block", "next"),
-    ("HiAR, 4x DMD batch (GPU)", "hiar_batch32", "step", "next"),
-    ("Self-Forcing student sampled step-major", "self_forcing", "step", "next"),
-    ("HiAR student sampled block-major", "hiar", "block", "next"),
+    ("ODE init, block-major", ["ode_init"], "block", "next", 0.0),
+    ("ODE init, step-major", ["ode_init"], "step", "next", 0.0),
+    ("ODE init + bias, block-major", ["ode_init"], "block", "next", 0.03),
+    ("ODE init + bias, step-major", ["ode_init"], "step", "next", 0.03),
+    ("Self-Forcing-style, block-major", ["self_forcing_s0", "self_forcing_s1", "self_forcing_s2"],
+     "block", "clean", 0.0),
+    ("HiAR, step-major", ["hiar_s0", "hiar_s1", "hiar_s2"], "step", "next", 0.0),
+    ("HiAR without FKL", ["hiar_no_fkl_s0"], "step", "next", 0.0),
+    ("HiAR, context t_j (inference only)", ["hiar_s0", "hiar_s1", "hiar_s2"], "step", "current",
+     0.0),
+    ("HiAR, context clean (inference only)", ["hiar_s0", "hiar_s1", "hiar_s2"], "step", "clean",
+     0.0),
+    ("Self-Forcing weights, step-major", ["self_forcing_s0", "self_forcing_s1",
+                                          "self_forcing_s2"], "step", "next", 0.0),
+    ("HiAR weights, block-major", ["hiar_s0", "hiar_s1", "hiar_s2"], "block", "clean", 0.0),
 ]
-SHOW = ["palette_err", "saturation", "brightness", "foreground", "sharpness", "colours", "speed",
-        "flicker"]
+GIF_ROWS = ("ODE init, block-major", "ODE init, step-major", "ODE init + bias, block-major",
+            "ODE init + bias, step-major", "Self-Forcing-style, block-major", "HiAR, step-major")
+SUMMARY = ("value", "saturation", "size", "hue_err", "speed")     # + the drift score
+CURVE_POINTS = 20
 
 
-def per_frame_curves(video, frames_per_point: int = 6):
-    """Each measure averaged over videos and over windows of frames: {name: (points,)}."""
+def run_row(models, ckpts, sampler, ctx, bias, seeds, num, frames, lengths, cfg, data=False):
+    """Stream every (checkpoint, seed) rollout through meters: {length: [result per ckpt×seed]}
+    and curves (CURVE_POINTS bins over the longest length), plus the first video's frames."""
+    out = {L: [] for L in lengths}
+    curves, gif = [], None
+    for ck in ckpts:
+        for seed in seeds:
+            label = torch.arange(num) % cfg.labels if cfg.labels else None
+            if data:
+                stream = sample.data_stream(cfg, num, seed, frames, label)
+            else:
+                model = models[ck]
+                noise = hiar.Noise(cfg, [seed * 1_000_003 + i for i in range(num)])
+                stream = sample.block_stream(model, sampler, noise, frames, label, ctx,
+                                             x0_bias=bias)
+            meters = {L: sample.DriftMeter(L, cfg.block, cfg.shapes) for L in lengths}
+            curve = sample.DriftMeter(frames, cfg.block, cfg.shapes, segments=CURVE_POINTS)
+            t, keep = 0, []
+            with torch.no_grad():
+                for x in stream:
+                    for L, m in meters.items():
+                        if t < L:
+                            m.update(x[:, :L - t])
+                    curve.update(x)
+                    if gif is None and len(keep) * cfg.block < frames:
+                        keep.append(sample.to_uint8(x[:4]))
+                    t += x.shape[1]
+            if gif is None:
+                import numpy as np
+                gif = np.concatenate(keep, 1)
+            for L, m in meters.items():
+                out[L].append(m.result())
+            curves.append(curve.sums)
+    return out, curves, gif
+
+
+def combine(results: list[dict]) -> dict:
+    """Per measure: level and drift as mean over videos per rollout (one per ckpt × seed)."""
+    return {name: {"level": [r[name][0].nanmean().item() for r in results],
+                   "drift": [r[name][1].nanmean().item() for r in results]}
+            for name in sample.MEASURES}
+
+
+def scores(results: list[dict], data: list[dict]) -> list[float]:
+    """Drift score per rollout, in units of the data's spread between videos (all data videos)."""
+    pooled = {n: (torch.cat([d[n][0] for d in data]), None) for n in sample.MEASURES}
+    return [sample.drift_score(r, pooled).mean().item() for r in results]
+
+
+def curve_means(sums_list) -> dict:
+    """Curves per measure averaged over videos and rollouts: {name: [CURVE_POINTS values]}."""
     out = {}
-    for name, fn in sample.MEASURES.items():
-        v = fn(video).mean(0)                                   # (T,)
-        usable = len(v) - len(v) % frames_per_point
-        out[name] = v[:usable].reshape(-1, frames_per_point).mean(-1).tolist()
+    for name in sample.MEASURES:
+        if name == "jump":
+            continue
+        per = [(s[name][0] / s[name][1].clamp(min=1)).mean(0) for s in sums_list]
+        out[name] = torch.stack(per).mean(0).tolist()
+        out[name + "_std"] = torch.stack([(s[name][0] / s[name][1].clamp(min=1)).std(0)
+                                          for s in sums_list]).mean(0).tolist()
     return out
+
+
+def fmt(values, digits=3, sign=False):
+    t = torch.tensor(values)
+    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    return (f.format(t.mean()) + ("" if len(t) < 2 else f" ± {t.std():.{digits}f}"))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds")
     p.add_argument("--num", type=int, default=8, help="videos per seed")
-    p.add_argument("--frames", type=int, default=96)
+    p.add_argument("--short", type=int, default=8, help="short length, × the training length")
+    p.add_argument("--long", type=int, default=40, help="long length, × the training length")
+    p.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints"))
     p.add_argument("--out", default=str(ROOT / "docs"))
-    p.add_argument("--rows", default=None, help="comma-separated row indices to run (default all)")
-    p.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints"),
-                   help="where the students are (e.g. another training seed's --ship folder)")
-    p.add_argument("--table-only", action="store_true",
-                   help="rebuild docs/evidence.md from docs/evidence.json without sampling")
+    p.add_argument("--rows", default=None, help="comma-separated row labels' indices (default all)")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    if args.table_only:
-        ev = json.loads((out / "evidence.json").read_text())
-        a = ev["args"]
-        table = markdown_table(ev["results"], len(a["seeds"]), a["num"], a["frames"])
-        (out / "evidence.md").write_text(table)
-        print(table)
-        plot_curves(ev["curves"], out / "drift_curves.png")
-        return
+    out, ckdir = Path(args.out), Path(args.ckpt_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = ROWS if args.rows is None else [ROWS[int(i)] for i in args.rows.split(",")]
-    models = {}
-    results, curves, gif_rows = {}, {}, {}
     torch.set_num_threads(2)
-
-    def record(label, videos_per_seed):
-        per_seed = [sample.drift_metrics(v) for v in videos_per_seed]
-        res = {}
-        for name in SHOW:
-            level = torch.stack([m[name][0].mean() for m in per_seed])
-            slope = torch.stack([m[name][1].mean() for m in per_seed])
-            res[name] = {"level": level.tolist(), "drift": slope.tolist()}
-        results[label] = res
-        curves[label] = per_frame_curves(torch.cat(videos_per_seed))
-
-    data = []
-    for seed in args.seeds:
-        cfg = hiar.Config.preset("toy")
-        g = torch.Generator().manual_seed(seed)
-        data.append(hiar.moving_shapes(cfg, args.num, g, args.frames)[0])
-    record("ground-truth data", data)
-    gif_rows["data"] = sample.to_uint8(data[0][:4])
-    for label, ckpt, sampler, ctx in rows:
-        path = Path(args.ckpt_dir) / f"{ckpt}.pt"
-        if not path.exists():
-            print(f"skip {label}: {path} missing")
+    rows = ROWS if args.rows is None else [ROWS[int(i)] for i in args.rows.split(",")]
+    models, cfg = {}, None
+    for _, ckpts, *_ in rows:
+        for ck in ckpts:
+            if ck not in models and (ckdir / f"{ck}.pt").exists():
+                models[ck] = sample.load_student(str(ckdir / f"{ck}.pt"), "cpu")[0]
+                cfg = models[ck].cfg
+    if cfg is None:
+        raise SystemExit(f"no checkpoints of these rows in {ckdir}")
+    lengths = [args.short * cfg.frames, args.long * cfg.frames]
+    frames = lengths[-1]
+    data_res, data_curves, data_gif = run_row({}, ["data"], None, None, 0.0, args.seeds, args.num,
+                                              frames, lengths, cfg, data=True)
+    ev = {"args": vars(args), "lengths": lengths, "rows": {}, "curves": {}}
+    ev["rows"]["data"] = {L: {"measures": combine(data_res[L]),
+                              "score": scores(data_res[L], data_res[L]), "ckpts": []}
+                          for L in lengths}
+    ev["curves"]["data"] = curve_means(data_curves)
+    gifs = {"data": data_gif}
+    for label, ckpts, sampler, ctx, bias in rows:
+        have = [c for c in ckpts if c in models]
+        if not have:
+            print(f"skip {label}: none of {ckpts} shipped")
             continue
-        if ckpt not in models:
-            models[ckpt] = sample.load_student(str(path), "cpu")[0]
-        model, videos = models[ckpt], []
-        for seed in args.seeds:
-            g = torch.Generator().manual_seed(seed)
-            hiar.moving_shapes(model.cfg, args.num, g, args.frames)    # same draws as sample.py
-            noise = hiar.noise_bank(model.cfg, args.num, args.frames, g)
-            with torch.no_grad():
-                videos.append(sample.run_sampler(model, noise, sampler, ctx))
-        record(label, videos)
-        if (ckpt, sampler, ctx) in {("self_forcing", "block", "next"), ("hiar", "step", "next")}:
-            gif_rows[label] = sample.to_uint8(videos[0][:4])
+        res, curves, gif = run_row(models, have, sampler, ctx, bias, args.seeds, args.num,
+                                   frames, lengths, cfg)
+        ev["rows"][label] = {L: {"measures": combine(res[L]), "score": scores(res[L],
+                                                                                data_res[L]),
+                                 "ckpts": have, "sampler": sampler, "context_t": ctx,
+                                 "bias": bias} for L in lengths}
+        ev["curves"][label] = curve_means(curves)
+        if label in GIF_ROWS:
+            gifs[label] = gif
         print(f"done {label}", flush=True)
-    (out / "evidence.json").write_text(json.dumps({"args": vars(args), "results": results,
-                                                   "curves": curves}, indent=1))
-    table = markdown_table(results, len(args.seeds), args.num, args.frames)
-    (out / "evidence.md").write_text(table)
-    print(table)
-    if len(gif_rows) > 1:
-        sample.save_gif(out / "hiar_vs_self_forcing.gif", sample.grid_frames(gif_rows, per_row=4))
-    plot_curves(curves, out / "drift_curves.png")
+    (out / "evidence.json").write_text(json.dumps(ev, indent=1))
+    full, summary = tables(ev, args)
+    (out / "evidence.md").write_text(full)
+    (out / "evidence_summary.md").write_text(summary)
+    print(summary)
+    sample.save_gif(out / "drift_40x.gif", sample.grid_frames(
+        {k: v for k, v in gifs.items()}, scale=3, per_row=4), fps=12)
+    plot_curves(ev, out / "drift_curves.png", lengths[-1], cfg.frames)
 
 
-def summary(results: dict, label: str):
-    """Two numbers per sampling seed, over all measures m (paper-style normalised drift):
-    drift score = mean_m |drift_m| / data level_m,
-    quality gap = mean_m |level_m − data_m| / data_m.
-    Returns (drift (seeds,), gap (seeds,))."""
-    data, res = results["ground-truth data"], results[label]
-    ref = {m: torch.tensor(data[m]["level"]).mean().abs() for m in SHOW}
-    drift = torch.stack([torch.tensor(res[m]["drift"]).abs() / ref[m] for m in SHOW]).mean(0)
-    gap = torch.stack([(torch.tensor(res[m]["level"]) - ref[m]).abs() / ref[m]
-                       for m in SHOW]).mean(0)
-    return drift, gap
+def tables(ev: dict, args) -> tuple[str, str]:
+    """The full table (every measure, both lengths) and the README summary (≤ 6 columns)."""
+    L0, L1 = ev["lengths"]
+    head = ("| rollout | length | drift score | " + " | ".join(sample.MEASURES) + " |\n"
+            + "|---" * (len(sample.MEASURES) + 3) + "|")
+    lines = [head]
+    for label, by_len in ev["rows"].items():
+        for L in (L0, L1):
+            r = by_len[L] if L in by_len else by_len[str(L)]
+            cells = [fmt(r["score"], 2)]
+            for name in sample.MEASURES:
+                m = r["measures"][name]
+                cells.append(f"{fmt(m['level'])} / {fmt(m['drift'], 4, True)}")
+            lines.append(f"| {label} | {L} | " + " | ".join(cells) + " |")
+    note = (f"\nEach measure: level (mean over the video) / drift (slope per segment, 5 segments); "
+            f"mean ± std over rollouts ({len(args.seeds)} sampling seeds × the row's training "
+            f"seeds; {args.num} videos each). Drift score: mean |drift| over the measures in "
+            f"units of the data's spread between videos (0 = flat). Measures: "
+            + "; ".join(f"{k}: {v}" for k, v in sample.DESCRIPTIONS.items()) + ".\n")
+    summary = [f"| rollout ({L1} frames) | drift score | value drift | saturation drift | "
+               "size drift | hue error |", "|---|---|---|---|---|---|"]
+    for label, by_len in ev["rows"].items():
+        r = by_len[L1] if L1 in by_len else by_len[str(L1)]
+        m = r["measures"]
+        summary.append(f"| {label} | {fmt(r['score'], 2)} | {fmt(m['value']['drift'], 4, True)}"
+                       f" | {fmt(m['saturation']['drift'], 4, True)} | "
+                       f"{fmt(m['size']['drift'], 4, True)} | {fmt(m['hue_err']['level'])} |")
+    return "\n".join(lines) + note, "\n".join(summary) + "\n"
 
 
-def markdown_table(results: dict, seeds: int, num: int, frames: int) -> str:
-    head = "| rollout | drift score | quality gap | " + " | ".join(SHOW) + " |"
-    lines = [head, "|---" * (len(SHOW) + 3) + "|"]
-    for label, res in results.items():
-        drift, gap = summary(results, label)
-        cells = [f"**{drift.mean():.3f}**±{drift.std():.3f}", f"{gap.mean():.2f}±{gap.std():.2f}"]
-        for name in SHOW:
-            lv, dr = torch.tensor(res[name]["level"]), torch.tensor(res[name]["drift"])
-            cells.append(f"{lv.mean():.3f} / {dr.mean():+.4f}±{dr.std():.4f}")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append("\nDrift score: mean over the measures of |drift| / the data's level (lower: "
-                 "flatter); quality gap: mean over the measures of |level − data| / data (lower: "
-                 "closer to the data).")
-    lines.append(f"Each measure's cell: level (mean over the video) / drift (slope per segment, "
-                 f"5 segments) "
-                 f"± std over {seeds} sampling seeds; {num} videos of {frames} frames per seed.")
-    return "\n".join(lines) + "\n"
-
-
-def plot_curves(curves: dict, path: Path):
+def plot_curves(ev: dict, path: Path, frames: int, train_frames: int):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -163,18 +212,22 @@ def plot_curves(curves: dict, path: Path):
     except ImportError:
         print("matplotlib missing (pip install -r requirements-notebooks.txt): no figure")
         return
-    fig, axes = plt.subplots(3, 3, figsize=(15, 10))
-    for ax, name in zip(axes.flat, SHOW):
-        for i, (label, c) in enumerate(curves.items()):
-            if label == "ground-truth data":
-                ax.plot(c[name], "k--", label=label, lw=1.5)
-            else:
-                ax.plot(c[name], "-", color=plt.cm.tab20(i % 20), label=label, lw=1.2)
-        ax.set_title(name)
-        ax.set_xlabel("frame / 6")
-    axes.flat[-1].axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    axes.flat[-1].legend(handles, labels, loc="center", fontsize=7)
+    names = ["value", "saturation", "size", "background", "hue_err", "speed"]
+    x = [(i + 0.5) * frames / CURVE_POINTS / train_frames for i in range(CURVE_POINTS)]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    show = [k for k in ev["curves"] if k != "data" and k in GIF_ROWS]
+    colours = plt.cm.tab10.colors
+    for ax, name in zip(axes.flat, names):
+        d = torch.tensor(ev["curves"]["data"][name])
+        s = torch.tensor(ev["curves"]["data"][name + "_std"])
+        ax.fill_between(x, d - s, d + s, color="0.85", label="data (± spread between videos)")
+        ax.plot(x, d, color="0.4", lw=1)
+        for i, label in enumerate(show):
+            ax.plot(x, ev["curves"][label][name], color=colours[i % 10],
+                    ls="--" if "bias" in label else "-", lw=1.4, label=label)
+        ax.set_title(f"{name}: {sample.DESCRIPTIONS[name]}", fontsize=8)
+        ax.set_xlabel("time (× training length)")
+    axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     print(f"wrote {path}")

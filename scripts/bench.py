@@ -1,0 +1,214 @@
+"""Sampler speed and memory, as ratios measured in one run on this machine (asserts nothing).
+
+    python scripts/bench.py                    # ~5 min on the 2-core CPU
+    python scripts/bench.py --only stream      # just the long-video table (per-frame time, RSS)
+
+1. Throughput and time to the first finished block of every sampler (block-major, step-major
+   literal / streaming / fused, pipelined with S streams), on 1 and 2 threads.
+2. Long videos: per-frame time and peak memory at 1×, 10× and 100× the training length for each
+   streaming sampler, each in a fresh process (peak RSS, or peak CUDA memory on a GPU).
+3. `python sample.py` itself at 600 and 6000 frames: peak RSS of the whole command.
+The weights are random: speed and memory do not depend on them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import hiar  # noqa: E402
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def stream_timed(make_stream, dev, repeats: int):
+    """Best-of-`repeats` (total time, time to the first block) of consuming a block stream."""
+    best = None
+    list(make_stream())                                                  # warm-up
+    for _ in range(repeats):
+        _sync(dev)
+        t0, first = time.perf_counter(), None
+        for x in make_stream():
+            if first is None:
+                _sync(dev)
+                first = time.perf_counter() - t0
+        _sync(dev)
+        total = time.perf_counter() - t0
+        if best is None or total < best[0]:
+            best = (total, first)
+    return best
+
+
+def throughput(args, cfg, dev):
+    torch.manual_seed(0)
+    model = hiar.VideoDiT(cfg).eval().to(dev)
+    F = args.blocks * cfg.block
+    noise = hiar.Noise(cfg, range(args.batch), dev)
+    T = args.threads
+    rows = [
+        ("block-major", T, lambda: hiar.block_major(model, noise, F)),
+        ("step-major, Alg. 1 loop", T, lambda: [hiar.sample_step_major(model, noise, F)]),
+        ("step-major, streaming", T, lambda: hiar.step_major(model, noise, F)),
+        ("step-major, streaming, fused", T, lambda: hiar.step_major(model, noise, F, fused=True)),
+        (f"pipelined S=2 ({T // 2} thread each)", T,
+         lambda: hiar.pipelined(model, noise, F, streams=2, threads_per_stream=T // 2)),
+        (f"pipelined S=2, fused ({T // 2} thread each)", T,
+         lambda: hiar.pipelined(model, noise, F, streams=2, threads_per_stream=T // 2,
+                                fused=True)),
+        ("block-major, 1 thread", 1, lambda: hiar.block_major(model, noise, F)),
+        ("step-major, streaming, 1 thread", 1, lambda: hiar.step_major(model, noise, F)),
+        ("step-major, streaming, fused, 1 thread", 1,
+         lambda: hiar.step_major(model, noise, F, fused=True)),
+    ]
+    print(f"## 1. Throughput: batch {args.batch}, N = {args.blocks} blocks of {cfg.block} "
+          f"frames, K = {cfg.K}, {dev.type}, best of {args.repeats}\n")
+    print("| sampler | threads | frames/s | time to first block (s) | vs block-major |")
+    print("|---|---|---|---|---|")
+    res, before = {}, torch.get_num_threads()
+    with torch.no_grad():
+        for name, threads, make in rows:
+            torch.set_num_threads(threads)
+            total, first = stream_timed(make, dev, args.repeats)
+            res[name] = (total, first)
+            print(f"| {name} | {threads} | {F * args.batch / total:.1f} | {first:.3f} | "
+                  f"{res[rows[0][0]][0] / total:.2f}x |", flush=True)
+    torch.set_num_threads(before)
+    N = args.blocks
+    ideal = N * 2 / (N + 2 - 1)
+    eff = res["step-major, streaming, fused, 1 thread"][0] / res[rows[5][0]][0]
+    print(f"\n2-stream pipeline (fused) over streaming step-major (fused) on 1 thread: {eff:.2f}x; "
+          f"ideal N*S/(N+S-1) = {ideal:.2f}x -> {100 * eff / ideal:.0f}% of ideal")
+    ratio = res["step-major, streaming, 1 thread"][1] / res["block-major, 1 thread"][1]
+    print(f"time to first block, streaming step-major / block-major, 1 thread: {ratio:.2f} "
+          "(target <= 2)")
+    ratio_f = res["step-major, streaming, fused, 1 thread"][1] / res["block-major, 1 thread"][1]
+    print(f"  (fused: {ratio_f:.2f}; the Alg. 1 loop finishes block 0 only with the whole "
+          f"video: {res['step-major, Alg. 1 loop'][1]:.2f} s)")
+
+
+def probe(args):
+    """Child process: per-frame time and peak memory of one long video, blocks dropped as they
+    come (as sample.py does)."""
+    cfg, dev = hiar.Config.preset(args.preset), torch.device(args.device)
+    torch.manual_seed(0)
+    model = hiar.VideoDiT(cfg).eval().to(dev)
+    torch.set_num_threads(args.threads)
+    frames, sampler = int(args.probe[0]), args.probe[1]
+    noise = hiar.Noise(cfg, range(args.batch), dev)
+    make = {"block": lambda F: hiar.block_major(model, noise, F),
+            "step": lambda F: hiar.step_major(model, noise, F),
+            "pipelined": lambda F: hiar.pipelined(model, noise, F, streams=2,
+                                                  threads_per_stream=max(1, args.threads // 2))}
+    with torch.no_grad():
+        for _ in make[sampler](cfg.frames):                           # warm-up: 1× length
+            pass
+        _sync(dev)
+        t = time.perf_counter()
+        for _ in make[sampler](frames):
+            pass
+        _sync(dev)
+        took = time.perf_counter() - t
+    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+    print(json.dumps({"per_frame_ms": 1000 * took / frames, "peak_mb": peak}))
+
+
+def peak_rss_of(cmd, env) -> tuple[float, float]:
+    """(peak RSS in MB, wall seconds) of a command run as a child process (os.wait4)."""
+    t = time.perf_counter()
+    with tempfile.TemporaryFile() as err:
+        p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(p.pid, 0)
+        if status != 0:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed: {err.read().decode()[-500:]}")
+    return usage.ru_maxrss / 1024, time.perf_counter() - t
+
+
+def long_videos(args, cfg):
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    mem = "peak CUDA memory (MB)" if args.device == "cuda" else "peak RSS (MB)"
+    print(f"\n## 2. Long videos: batch {args.batch}, {args.threads} threads, each length in a "
+          f"fresh process\n")
+    print(f"| sampler | video length | per-frame time (ms) | {mem} |")
+    print("|---|---|---|---|")
+    per = {}
+    for sampler in ("block", "step", "pipelined"):
+        for mult in (1, 10, 100):
+            out = subprocess.run(
+                [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch),
+                 "--device", args.device, "--threads", str(args.threads), "--probe",
+                 str(mult * cfg.frames), sampler],
+                capture_output=True, text=True, check=True, env=env)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            per[sampler, mult] = r
+            print(f"| {sampler} | {mult}x ({mult * cfg.frames} frames) | "
+                  f"{r['per_frame_ms']:.2f} | {r['peak_mb']:.0f} |", flush=True)
+    print()
+    for sampler in ("block", "step", "pipelined"):
+        a, b = per[sampler, 10], per[sampler, 100]
+        print(f"{sampler}: 100x / 10x peak memory {b['peak_mb'] / a['peak_mb']:.3f}, per-frame "
+              f"time {b['per_frame_ms'] / a['per_frame_ms']:.3f} (targets: within 10 %)")
+
+
+def sample_cli(args):
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    cfg = hiar.Config.preset("smoke") if args.preset == "smoke" else hiar.Config()
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "m.pt"
+        torch.save({"config": cfg.to_dict(), "model": hiar.VideoDiT(cfg).state_dict(),
+                    "stage": "bench", "order": "block"}, ckpt)
+        print("\n## 3. `python sample.py --sampler block --num 8 --npy …` (random weights), "
+              "peak RSS of the whole command\n")
+        print("| frames | peak RSS (MB) | wall (s) |")
+        print("|---|---|---|")
+        res = {}
+        for frames in (600, 6000):
+            cmd = [sys.executable, "sample.py", "--ckpt", str(ckpt), "--sampler", "block",
+                   "--num", "8", "--frames", str(frames), "--gif", "",
+                   "--npy", str(Path(tmp) / "v.npy")]
+            res[frames] = peak_rss_of(cmd, env)
+            print(f"| {frames} | {res[frames][0]:.0f} | {res[frames][1]:.0f} |", flush=True)
+        print(f"\n6000 / 600 frames: peak RSS {res[6000][0] / res[600][0]:.3f}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="toy")
+    p.add_argument("--batch", type=int, default=8, help="videos generated together")
+    p.add_argument("--blocks", type=int, default=16, help="blocks per video (N) in part 1")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="total CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--only", choices=["throughput", "stream", "cli"], default=None)
+    p.add_argument("--probe", nargs=2, metavar=("FRAMES", "SAMPLER"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.probe:
+        return probe(args)
+    cfg = hiar.Config.preset(args.preset)
+    dev = torch.device(args.device)
+    print(f"# scripts/bench.py: preset {args.preset}, {dev.type}, torch {torch.__version__}\n")
+    if args.only in (None, "throughput"):
+        throughput(args, cfg, dev)
+    if args.only in (None, "stream"):
+        long_videos(args, cfg)
+    if args.only in (None, "cli") and dev.type == "cpu":
+        sample_cli(args)
+
+
+if __name__ == "__main__":
+    main()
