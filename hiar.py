@@ -483,7 +483,8 @@ class VideoDiT(nn.Module):
 def _cell_seed(seed: int, n: int, j: int) -> int:
     """A well-mixed 63-bit seed for ε[j, n] of a video with seed `seed` (splitmix64 finaliser)."""
     m = 2 ** 64
-    x = (seed * 0x9E3779B97F4A7C15 + (n + 1) * 0xBF58476D1CE4E5B9 + (j + 1) * 0x94D049BB133111EB) % m
+    x = (seed * 0x9E3779B97F4A7C15 + (n + 1) * 0xBF58476D1CE4E5B9
+         + (j + 1) * 0x94D049BB133111EB) % m
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % m
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % m
     return (x ^ (x >> 31)) % 2 ** 63
@@ -535,9 +536,10 @@ class NoiseBank:
 
 class Context:
     """What a block sees of its predecessors. Fast path: a KV cache with a rolling window.
-    Slow reference (`use_cache=False`): keep every written block and re-run the whole sequence
-    (all written blocks + the current one) through the masked model at each query. The two agree because the mask gives
-    each frame exactly the window it had when its keys were cached.
+    Slow reference (`use_cache=False`): keep every written block and re-run the whole
+    sequence (all written blocks + the current one) through the masked model at each query.
+    The two agree because the mask gives each frame exactly the window it had when its keys
+    were cached.
 
     `fused=True` (the paper's fused pass): a write is held back and done in the same forward pass
     as the next block's denoising — one pass over both blocks with per-frame levels — so a step
