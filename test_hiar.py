@@ -1056,6 +1056,20 @@ def test_sample_cli_defaults_to_the_checkpoints_own_order_and_context(tmp_path):
     assert (tmp_path / "o.npy").exists() and not (tmp_path / "o_step.npy").exists()
 
 
+def test_sample_cli_mp4_is_written_or_refused_in_one_line(tmp_path):
+    ck = smoke_ckpt(tmp_path)
+    r = run_cli("sample.py", "--ckpt", str(ck), "--frames", "10", "--gif", "", "--no-metrics",
+                "--mp4", str(tmp_path / "v.mp4"))
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:                      # the optional extra is missing: say how to get it
+        assert r.returncode == 2 and "pip install imageio-ffmpeg" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        return
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "v.mp4").stat().st_size > 1000
+
+
 def test_sample_cli_errors_are_one_line_and_come_before_any_work(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -245,14 +246,14 @@ def train_loop(run: Run, stage: str, steps: int, modules: dict, step_fn, every: 
             bar.close()
             raise CLIError(f"stage {stage}: {bad[0]}={last[bad[0]]} at step {step}; "
                            f"stopped, the last good checkpoint is {path}")
-        bar.set_postfix({k: f"{v:.4f}" for k, v in last.items()})
+        bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()})
         if step % 10 == 0 or step == steps - 1:
             run.log({"stage": stage, "step": step, **last})
         if (step + 1) % every == 0 and step + 1 < steps:
             save(step + 1, False)
     save(steps, True)
     took = time.time() - t0
-    summary = ", ".join(f"{k} {v:.4f}" for k, v in last.items())
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
     print(f"[{stage}] done: {steps - start} steps in {took / 60:.1f} min; last {summary}")
     run.log({"stage": stage, "event": "done", "seconds": took, "steps": steps - start})
     return took
@@ -566,17 +567,22 @@ def load_teacher(run: Run, from_scratch: bool, path) -> hiar.VideoDiT:
 
 def ship(run: Run, stage: str, dest: Path, command: str):
     """A small, self-contained copy of a finished stage for checkpoints/: its configs, sampling
-    weights (the EMA where there is one) in float16, and how it was made. About 2.5 MB."""
+    weights (the EMA where there is one; float16 for students, 2.5 MB, float32 for the teacher)
+    and how it was made."""
     ck = load_checkpoint(run.ckpt(stage))
     if not ck.get("done"):
         raise CLIError(f"stage {stage} of {run.path} is not finished; nothing shipped")
     weights = ck["ema"] if "ema" in ck else ck["model"]
     keep = ("config", "train", "seed", "stage", "order", "fkl_weight", "context_t", "step")
     small = {k: ck[k] for k in keep if k in ck}
-    small.update(model={k: v.half() for k, v in weights.items()},
-                 note=f"{command} (seed {run.seed}; weights stored in float16)")
+    dtype = torch.float32 if stage == "teacher" else torch.float16   # the teacher scores DMD
+    small.update(model={k: v.to(dtype) for k, v in weights.items()},
+                 note=f"{command} (seed {run.seed}; weights stored in "
+                      f"{str(dtype).replace('torch.', '')})")
     save_atomic(small, Path(dest) / f"{stage}.pt")
     print(f"shipped {Path(dest) / f'{stage}.pt'}")
+    if stage == "teacher" and run.ckpt("teacher").with_suffix(".gif").exists():
+        shutil.copyfile(run.ckpt("teacher").with_suffix(".gif"), Path(dest) / "teacher.gif")
 
 
 def run_all(args) -> Run:
@@ -603,6 +609,8 @@ def run_all(args) -> Run:
     times = {}
     teacher = load_teacher(run, args.from_scratch, teacher_path)
     if args.teacher_only:
+        if args.ship and args.from_scratch:
+            ship(run, "teacher", Path(args.ship), "python train_toy.py " + " ".join(sys.argv[1:]))
         return run
     if not run.done("ode_pairs"):
         times["ode_pairs"] = make_ode_pairs(run, teacher)
