@@ -67,7 +67,8 @@ class Config:
     heads: int = 4
     # sampler
     K: int = 4                # student denoising steps (paper: 4)
-    shift: float = 5.0        # σ-shift of the student's step list (paper: 5)
+    shift: float = 1.0        # σ-shift of the student's step list (paper: 5; sized to the toy
+    #                           by scripts/toy_report.py: σ = [1, 0.75, 0.5, 0.25])
     window: int = 0           # rolling attention window, frames incl. the current block (0: frames)
     context_t: str = "next"   # context level of the step-major sampler: current | next | clean
 

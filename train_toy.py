@@ -53,7 +53,8 @@ class TrainConfig:
     # self-rollout DMD (+ forward KL)
     dmd_steps: int = 400
     dmd_batch: int = 8
-    dmd_shift: float = 5.0       # σ-shift of the DMD queries and of the critic's training levels
+    dmd_shift: float = 1.0       # σ-shift of the DMD queries and the critic's levels (official 5;
+    #                              here the student's shift, as the official code shares one)
     rollout_frames: int = 0      # self-rollout length (0: frames); gradient on the last `frames`
     gen_lr: float = 2e-5
     critic_lr: float = 4e-5

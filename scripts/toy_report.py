@@ -162,6 +162,7 @@ def main(argv=None):
         table, _ = teacher_vs_data(teacher, cfg, args.num // 2, args.guidance, shift, steps=48)
         out.append(table + "\n")
         print(table, flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(out) + "\n")
     print(f"wrote {args.out}")
 
