@@ -571,8 +571,11 @@ def main(argv=None):
                     npys[row][:, t:t + x.shape[1]] = uint8[row]
             if gif or mp4:
                 for fr in grid_frames(uint8, per_row=min(args.num, 4)):
-                    gif and gif.append(fr)
-                    mp4 and mp4.append_data(fr)
+                    if gif:
+                        gif.append(fr)
+                    if mp4:                             # H.264 (yuv420p) wants even sides
+                        mp4.append_data(np.pad(fr, ((0, fr.shape[0] % 2), (0, fr.shape[1] % 2),
+                                                    (0, 0))))
             t += blocks[0].shape[1]
             bar.update(blocks[0].shape[1])
     bar.close()
@@ -594,6 +597,9 @@ if __name__ == "__main__":
     except (CLIError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:                               # e.g. the disk filled while writing
+        print(f"error: writing the output failed ({e})", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
