@@ -427,7 +427,8 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default=None, help="block, step or pipelined (default: the "
                    "checkpoint's own order; both side by side for the ODE-init student)")
     p.add_argument("--frames", type=int, default=None,
-                   help="frames per video (default 8× the training length)")
+                   help="frames per video (default 8× the training length); a last partial "
+                        "block is generated whole and cut")
     p.add_argument("-n", "--num", type=int, default=4, help="number of videos")
     p.add_argument("--seed", type=int, default=0, help="video i uses noise seed (seed, i)")
     p.add_argument("--label", default=None, help="colour family 0..labels-1 for every video, or "
@@ -472,9 +473,8 @@ def check_args(args, cfg: hiar.Config, meta: dict) -> dict:
     if context_t not in hiar.CONTEXT_LEVELS:
         raise CLIError(f"--context-t {context_t!r}: choose one of {', '.join(hiar.CONTEXT_LEVELS)}")
     frames = 8 * cfg.frames if args.frames is None else args.frames
-    if frames < 1 or frames % cfg.block:
-        raise CLIError(f"--frames {frames}: must be a positive multiple of the block size "
-                       f"{cfg.block}")
+    if frames < 1:
+        raise CLIError(f"--frames {frames}: must be >= 1")
     if args.num < 1:
         raise CLIError(f"--num {args.num}: must be >= 1")
     if args.seed < 0:
@@ -538,9 +538,10 @@ def main(argv=None):
                 p = base if len(samplers) == 1 else base.with_name(f"{base.stem}_{s}{base.suffix}")
                 npy_paths[row] = _writable(str(p), "--npy")
     noise = hiar.Noise(cfg, [args.seed * 1_000_003 + i for i in range(args.num)], dev)
-    streams = {"data": data_stream(cfg, args.num, args.seed, frames, label)}
+    whole = -(-frames // cfg.block) * cfg.block        # whole blocks; the last one is cut
+    streams = {"data": data_stream(cfg, args.num, args.seed, whole, label)}
     for row, s in list(rows.items())[1:]:
-        streams[row] = block_stream(model, s, noise, frames, label, c["context_t"], args.streams,
+        streams[row] = block_stream(model, s, noise, whole, label, c["context_t"], args.streams,
                                     args.bias)
     if not writer_rank:                                 # a middle stage of the torchrun pipeline
         with torch.no_grad():
@@ -562,6 +563,7 @@ def main(argv=None):
     t = 0
     with torch.no_grad():
         for blocks in zip(*streams.values()):           # block n of every row, in step
+            blocks = [x[:, :frames - t] for x in blocks]
             uint8 = {}
             for row, x in zip(rows, blocks):
                 if row in meters:

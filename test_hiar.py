@@ -1050,10 +1050,16 @@ def test_sample_cli_streams_gif_npy_and_table(tmp_path):
 
 def test_sample_cli_defaults_to_the_checkpoints_own_order_and_context(tmp_path):
     ck = smoke_ckpt(tmp_path, order="block", context_t="clean")
-    r = run_cli("sample.py", "--ckpt", str(ck), "--frames", "10", "--gif", "", "--no-metrics",
-                "--npy", str(tmp_path / "o.npy"))
+    r = run_cli("sample.py", "--ckpt", str(ck), "--frames", "11", "--gif", "",
+                "--npy", str(tmp_path / "o.npy"))               # 11: not a multiple of block 2
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "o.npy").exists() and not (tmp_path / "o_step.npy").exists()
+    assert np.load(tmp_path / "o.npy").shape == (4, 11, 8, 8, 3)
+    model, _ = sample.load_student(str(ck), "cpu")
+    with torch.no_grad():                                      # the first 11 of 12 frames
+        v = hiar.sample_block_major(model, hiar.Noise(model.cfg, range(4)), 12,
+                                    torch.arange(4) % 2)
+    assert np.array_equal(sample.to_uint8(v[:, :11]), np.load(tmp_path / "o.npy"))
 
 
 def test_sample_cli_mp4_is_written_or_refused_in_one_line(tmp_path):
@@ -1080,7 +1086,7 @@ def test_sample_cli_errors_are_one_line_and_come_before_any_work(tmp_path):
     cases = [("--ckpt", str(tmp_path / "missing.pt")), ("--ckpt", "no_such_name"),
              ("--ckpt", str(junk)), ("--ckpt", str(teacher)),
              ("--ckpt", ck, "--sampler", "sideways"),
-             ("--ckpt", ck, "--frames", "0"), ("--ckpt", ck, "--frames", "5"),
+             ("--ckpt", ck, "--frames", "0"), ("--ckpt", ck, "--frames", "-6"),
              ("--ckpt", ck, "--context-t", "t_j"), ("--ckpt", ck, "--num", "0"),
              ("--ckpt", ck, "--seed", "-1"), ("--ckpt", ck, "--device", "cuda:7"),
              ("--ckpt", ck, "--device", "toaster"),
