@@ -534,13 +534,21 @@ def main(argv=None):
                 outs[flag] = _writable(path, flag)
         if args.npy:
             base = Path(args.npy)
-            for row, s in list(rows.items())[1:]:
+            for row, s in rows.items():
+                if row == "data":
+                    continue
                 p = base if len(samplers) == 1 else base.with_name(f"{base.stem}_{s}{base.suffix}")
                 npy_paths[row] = _writable(str(p), "--npy")
+    measure = not args.no_metrics and frames >= 5 * cfg.block
+    if not (measure or "--gif" in outs or "--mp4" in outs):
+        del rows["data"]                               # the ground truth is only for showing
     noise = hiar.Noise(cfg, [args.seed * 1_000_003 + i for i in range(args.num)], dev)
     whole = -(-frames // cfg.block) * cfg.block        # whole blocks; the last one is cut
-    streams = {"data": data_stream(cfg, args.num, args.seed, whole, label)}
-    for row, s in list(rows.items())[1:]:
+    streams = {"data": data_stream(cfg, args.num, args.seed, whole, label)} if "data" in rows \
+        else {}
+    for row, s in rows.items():
+        if row == "data":
+            continue
         streams[row] = block_stream(model, s, noise, whole, label, c["context_t"], args.streams,
                                     args.bias)
     if not writer_rank:                                 # a middle stage of the torchrun pipeline
@@ -557,7 +565,6 @@ def main(argv=None):
     if "--mp4" in outs:
         import imageio.v2 as imageio
         mp4 = imageio.get_writer(outs["--mp4"], fps=8, macro_block_size=1)
-    measure = not args.no_metrics and frames >= 5 * cfg.block
     meters = {row: DriftMeter(frames, cfg.block, cfg.shapes) for row in rows} if measure else {}
     bar = tqdm(total=frames, desc="frames", unit="frame", disable=None)
     t = 0
