@@ -455,9 +455,10 @@ class VideoDiT(nn.Module):
         return out.reshape(B, T, C, H, W)
 
     def x0(self, x, sigma, label=None, guidance: float = 1.0, **kw):
-        """x0_hat = x − σ·v_hat from one forward pass, or — with `guidance` w ≠ 1 and a label —
-        with classifier-free guidance (Ho & Salimans): v = v_∅ + w·(v_label − v_∅), the
-        conditional and unconditional passes batched into one."""
+        """x0_hat = x − σ·v_hat from one forward pass, or — with `guidance` w ≠ 1 and a
+        label — with classifier-free guidance (Ho & Salimans):
+            v = v_∅ + w·(v_label − v_∅),
+        the conditional and unconditional passes batched into one."""
         B, T = x.shape[:2]
         s = frame_sigma(sigma, B, T, x.device)
         if guidance == 1.0 or label is None:
@@ -472,13 +473,13 @@ class VideoDiT(nn.Module):
 # ================================================================================================
 # 5. Sampler pieces: per-video noise, the context
 # ================================================================================================
-# Both orders run the same cells. Cell (n, j) denoises block n from σ_j: x0_hat = x − σ_j·v_hat,
-# then re-noises x0_hat to σ_{j+1} with fresh noise (SDE-style few-step sampling, as
-# Self-Forcing). All randomness is ε[j, n] — ε[0, n] is block n's starting noise, ε[j, n] (j >= 1)
-# re-noises it to σ_j — drawn when a cell needs it from a seed of its own per video, block and
-# step (EDM's per-sample seeding). So every order, the pipeline and every batch size see the same
-# draws: video i is the same whatever else is in the batch, and a shorter video is a prefix of a
-# longer one.
+# Both orders run the same cells. Cell (n, j) denoises block n from σ_j:
+# x0_hat = x − σ_j·v_hat, then re-noises x0_hat to σ_{j+1} with fresh noise (SDE-style
+# few-step sampling, as Self-Forcing). All randomness is ε[j, n] — ε[0, n] is block n's
+# starting noise, ε[j, n] (j >= 1) re-noises it to σ_j — drawn when a cell needs it from a seed
+# of its own per video, block and step (EDM's per-sample seeding). So every order, the pipeline
+# and every batch size see the same draws: video i is the same whatever else is in the batch,
+# and a shorter video is a prefix of a longer one.
 
 
 def _cell_seed(seed: int, n: int, j: int) -> int:
@@ -515,7 +516,7 @@ class Noise:
         return torch.stack(draws).to(self.device)
 
     def bank(self, frames: int) -> torch.Tensor:
-        """The whole table ε (K, N, B, b, 3, H, W) for `frames` frames — for tests and notebooks."""
+        """The whole table ε (K, N, B, b, 3, H, W) for `frames` frames (tests, notebooks)."""
         N = frames // self.shape[0]
         return torch.stack([torch.stack([self(j, n) for n in range(N)]) for j in range(self.K)])
 
@@ -627,7 +628,7 @@ def block_major(model: VideoDiT, noise, frames: int, label=None, context_t: str 
         x = noise(0, n)                                               # block n at σ_0 = 1
         for j in range(J + 1):
             with torch.set_grad_enabled(grad and j == J):             # gradient: exit step only
-                x0_hat = x - sigma[j] * ctx.velocity(x, sigma[j], n) + x0_bias   # x0 = x − σ_j·v
+                x0_hat = x - sigma[j] * ctx.velocity(x, sigma[j], n) + x0_bias   # x − σ_j·v
             if j < J:
                 x = add_noise(x0_hat, noise(j + 1, n), sigma[j + 1])  # re-noise to σ_{j+1}
         ctx.write(x0_hat, 0.0, n)                                     # clean context, t_c = 0
@@ -846,7 +847,8 @@ def sample_train_sigma(B: int, generator=None, device=None, shift: float = 3.0):
 
 
 def flow_loss(model, x0, sigma, eps, label=None, causal: bool = False):
-    """Flow matching (rectified flow): L = ‖v_θ(x_σ, σ, label) − (ε − x0)‖², x_σ as above.
+    """Flow matching (rectified flow): L = ‖v_θ(x_σ, σ, label) − (ε − x0)‖², x_σ as
+    above.
     Trains the teacher (full attention) and the DMD critic (the fake score). sigma: (B,)."""
     x_t = add_noise(x0, eps, sigma[:, None, None, None, None])
     return F.mse_loss(model(x_t, sigma, label, causal=causal), eps - x0)
@@ -866,7 +868,8 @@ def teacher_ode(teacher: VideoDiT, eps, keep: list[float], steps: int = 48, shif
     """Integrate the teacher's probability-flow ODE dx/dσ = v from σ = 1 to 0 with Euler steps on
     a shift-warped grid (official ODE pairs: 48 steps, shift 8) that also contains the levels
     `keep` (the student's σ_j), with classifier-free guidance `guidance` on `label`.
-    eps (B, T, 3, H, W) → (states at `keep` (B, len(keep), T, …) or None if `keep` is empty, x0)."""
+    eps (B, T, 3, H, W) → (states at `keep` (B, len(keep), T, …), or None if `keep` is
+    empty; x0)."""
     grid = [float(shift_sigma(1 - i / steps, shift)) for i in range(steps + 1)]
     grid = sorted({round(s, 7) for s in grid + list(keep)}, reverse=True)
     want = {round(s, 7): i for i, s in enumerate(keep)}
