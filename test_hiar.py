@@ -2,10 +2,10 @@
 paths and references, determinism, pass counts, physics, metrics), on the tiny `smoke` preset."""
 import gc
 import json
-import math
 import os
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -512,7 +512,7 @@ def test_pipelined_stops_cleanly_when_the_caller_stops(cfg, model):
     gen = hiar.pipelined(model, noise(cfg), 20 * cfg.block)
     next(gen)
     gen.close()                                       # threads are told to stop and are joined
-    assert not [t for t in __import__("threading").enumerate() if t.daemon and t.is_alive()
+    assert not [t for t in threading.enumerate() if t.daemon and t.is_alive()
                 and "worker" in str(t.name)]
 
 

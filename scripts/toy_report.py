@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,8 +153,7 @@ def main(argv=None):
     ys = torch.tensor([rec[s] for s in grid[::-1]])
     for shift in (5.0, 3.0, 2.0, 1.0, 0.5):
         sig = hiar.student_sigmas(cfg.K, shift)[1:-1]
-        r = [float(torch.from_numpy(__import__("numpy").interp([s], xs.numpy(), ys.numpy()))[0])
-             for s in sig]
+        r = [float(np.interp(s, xs.numpy(), ys.numpy())) for s in sig]
         out.append(f"| {shift:g} | {', '.join(f'{s:.3f}' for s in sig)} | "
                    f"{', '.join(f'{v:.2f}' for v in r)} |")
     print("\n".join(out[-12:]), flush=True)
