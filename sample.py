@@ -455,8 +455,11 @@ def _writable(path: str, flag: str) -> Path:
         raise CLIError(f"{flag} {path}: is a directory; give a file name")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
+        existed = p.exists()
         with open(p, "ab"):
             pass
+        if not existed:                                # a probe only: leave nothing behind
+            p.unlink()
     except OSError as e:
         raise CLIError(f"{flag} {path}: cannot write there ({e.strerror})") from None
     return p
