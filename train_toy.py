@@ -99,14 +99,6 @@ TRAIN_PRESETS = {
     "toy": dict(),
 }
 
-# Which training fields each stage's result depends on: a finished stage is reused only by a run
-# that agrees on these (and on the data / network fields of hiar.Config).
-STAGE_FIELDS = {
-    "teacher": ("batch", "teacher_steps", "teacher_lr", "teacher_shift", "label_dropout", "amp"),
-    "ode_pairs": ("guidance", "ode_pairs", "ode_steps", "ode_shift"),
-    "ode_init": ("batch", "init_steps", "init_lr"),
-}
-
 
 def parse_overrides(items) -> tuple[dict, dict]:
     """--set FIELD=VALUE items → (hiar.Config overrides, TrainConfig overrides), each value
@@ -616,12 +608,13 @@ def run_all(args) -> Run:
     if not run.done("ode_pairs"):
         times["ode_pairs"] = make_ode_pairs(run, teacher)
     pairs = load_checkpoint(run.ckpt("ode_pairs"))
-    if not run.done("ode_init"):
+    trained_init = not run.done("ode_init")
+    if trained_init:
         times["ode_init"] = train_ode_init(run, teacher, pairs)
-        stage_gif(run, "ode_init", model_from_checkpoint(
-            load_checkpoint(run.ckpt("ode_init")), run.ckpt("ode_init")).to(dev))
     init = model_from_checkpoint(load_checkpoint(run.ckpt("ode_init")),
                                  run.ckpt("ode_init")).to(dev)
+    if trained_init:
+        stage_gif(run, "ode_init", init)
     for name, order, lam, ctx in students:
         if not run.done(name):
             times[name] = train_dmd(run, name, teacher, init, pairs, order, lam, ctx)
