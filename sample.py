@@ -89,6 +89,8 @@ def resolve_ckpt(name: str) -> Path:
             raise CLIError(f"--ckpt {name}: no such file")
         return p
     shipped = SHIPPED / f"{name}.pt"
+    if not shipped.is_file() and (SHIPPED / f"{name}_s0.pt").is_file():
+        shipped = SHIPPED / f"{name}_s0.pt"             # a student's first training seed
     if not shipped.is_file():
         have = sorted(q.stem for q in SHIPPED.glob("*.pt") if q.stem != "teacher")
         raise CLIError(f"--ckpt {name}: not a file and not a shipped student {have}")
@@ -356,15 +358,18 @@ def drift_metrics(video, block: int, shapes: int, segments: int = 5) -> dict:
     return meter.result()
 
 
-def drift_score(result: dict, data: dict) -> torch.Tensor:
+def data_spread(data: dict) -> dict:
+    """Each measure's spread between data videos: the std of its level, floored at 1e-3."""
+    return {name: max(float(data[name][0].std()), 1e-3) for name in MEASURES}
+
+
+def drift_score(result: dict, data: dict | None = None, spread: dict | None = None
+                ) -> torch.Tensor:
     """One number per video: the mean over measures of |drift| in units of the data's spread
-    between videos (std of the measure's level over the data videos), so a measure whose data
-    level is tiny cannot dominate; 0 = no drift. (B,)"""
-    parts = []
-    for name in MEASURES:
-        spread = data[name][0].std().clamp(min=1e-3)
-        parts.append(result[name][1].abs() / spread)
-    return torch.stack(parts).mean(0)
+    between videos (`data_spread(data)`, or `spread` given), so a measure whose data level is
+    tiny cannot dominate; 0 = no drift. (B,)"""
+    spread = spread or data_spread(data)
+    return torch.stack([result[name][1].abs() / spread[name] for name in MEASURES]).mean(0)
 
 
 def metric_table(results: dict, data_key: str = "data") -> str:

@@ -967,12 +967,30 @@ def test_critic_trains_on_the_dmd_query_levels_with_cfg(cfg, smoke_run, monkeypa
                         real_sigma(*a, **k))
     monkeypatch.setattr(hiar, "flow_loss", spy_flow)
     monkeypatch.setattr(hiar, "dmd_loss", spy_dmd)
+    clips, opts, real_clip, real_adamw = [], [], torch.nn.utils.clip_grad_norm_, torch.optim.AdamW
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda p, max_norm: clips.append(max_norm) or real_clip(p, max_norm))
+    monkeypatch.setattr(torch.optim, "AdamW",
+                        lambda p, **kw: opts.append(kw) or real_adamw(p, **kw))
     train_toy.train_dmd(smoke_run, "s", teacher, random_model(cfg, 2), pairs, "block", 0.0,
                         "clean")
     tc = smoke_run.tc
     assert len(flow_sigmas) == tc.dmd_steps * tc.critic_ratio
     assert len(dmd_levels) == len(flow_sigmas) + tc.dmd_steps   # critic + DMD levels: one source
     assert all(g == (tc.guidance, tc.dmd_shift, True) for g in dmd_guidance)
+    # the official optimiser settings: AdamW (0, 0.999) with weight decay, both clipped at
+    # grad_clip; the critic's lr is its own (official: 0.15 × the generator's)
+    assert [o["lr"] for o in opts] == [tc.gen_lr, tc.critic_lr]
+    assert all(o["weight_decay"] == tc.weight_decay and o["betas"] == (0.0, 0.999) for o in opts)
+    assert clips == [tc.grad_clip] * (tc.dmd_steps * (tc.critic_ratio + 1))
+
+
+def test_default_dmd_recipe_is_the_official_one_scaled_to_the_toy():
+    """HIAR_NOTES §8: critic : generator updates 5 : 1, critic lr 0.15 × the generator's
+    (3e-7 : 2e-6), AdamW weight decay 0.01, gradient clip 10, CFG 3 on the real score."""
+    tc = train_toy.TrainConfig()
+    assert (tc.critic_ratio, tc.weight_decay, tc.grad_clip, tc.guidance) == (5, 0.01, 10.0, 3.0)
+    assert tc.critic_lr / tc.gen_lr == pytest.approx(3e-7 / 2e-6)
 
 
 @pytest.mark.slow
@@ -995,6 +1013,19 @@ def test_smoke_preset_runs_every_stage(tmp_path):
     print(f"smoke run: {took:.0f} s")
     r = run_cli(*args)                         # a rerun of a finished run does nothing, says so
     assert r.returncode == 0 and "done:" not in r.stdout and "nothing to do" in r.stdout
+    # another training seed from the same ODE init: shared files, its own teacher, seed-named ship
+    other, ship = tmp_path / "s1", tmp_path / "ship"
+    r = run_cli("train_toy.py", "--preset", "smoke", "--run-dir", str(other), "--seed", "1",
+                "--init-from", str(tmp_path), "--students", "self_forcing", "--ship", str(ship))
+    assert r.returncode == 0, r.stderr
+    assert "[self_forcing] done" in r.stdout and "[teacher]" not in r.stdout
+    assert "ode_pairs" not in r.stdout and "ode_init" not in r.stdout
+    assert (other / "ode_init.pt").samefile(tmp_path / "ode_init.pt")
+    assert sorted(p.name for p in ship.iterdir()) == ["self_forcing_s1.pt"]
+    r = run_cli("train_toy.py", "--preset", "smoke", "--run-dir", str(tmp_path / "s2"),
+                "--init-from", str(tmp_path), "--set", "ode_steps=7")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"error: --init-from {tmp_path}: its ode_pairs.pt differs (ode_steps: 6 vs 7)")
 
 
 @pytest.mark.slow
@@ -1109,7 +1140,8 @@ def test_train_cli_errors_are_one_line(tmp_path):
     cases = (["--set", "frames=7"], ["--set", "nope=1"], ["--set", "shift=abc"],
              ["--set", "batch=2.5"], ["--set", "amp=1"], ["--set", "dmd_steps"],
              ["--students", "mystery"], ["--teacher", str(tmp_path / "none.pt")],
-             ["--preset", "huge"], ["--fkl-weight", "-1"], ["--device", "cuda:3"])
+             ["--preset", "huge"], ["--fkl-weight", "-1"], ["--device", "cuda:3"],
+             ["--init-from", str(tmp_path / "none")])
     for case in cases:
         r = run_cli("train_toy.py", "--preset", "smoke", "--run-dir", str(tmp_path / "r"), *case)
         lines = r.stderr.strip().splitlines()
@@ -1117,6 +1149,18 @@ def test_train_cli_errors_are_one_line(tmp_path):
             (case, r.stderr)
     r = run_cli("train_toy.py", "--preset", "smoke", "--run-dir", "/proc/x")
     assert r.returncode == 2 and r.stderr.strip().startswith("error: --run-dir /proc/x")
+
+
+def test_evidence_spread_is_over_training_seeds():
+    """scripts/evidence.py reports mean ± std over training seeds (each the mean of its sampling
+    seeds) for rows with several checkpoints, and over sampling seeds otherwise."""
+    sys.path.insert(0, str(HERE / "scripts"))
+    import evidence
+    t, over = evidence.by_training_seed([1, 2, 3, 4, 5, 6], ["s0", "s1", "s2"])
+    assert over == "training seeds" and t.tolist() == [1.5, 3.5, 5.5]
+    t, over = evidence.by_training_seed([1.0, 2.0, 3.0], ["s0"])
+    assert over == "sampling seeds" and t.tolist() == [1.0, 2.0, 3.0]
+    assert evidence.fmt_row([1, 2, 3, 4, 5, 6], ["s0", "s1", "s2"], 2) == "3.50 ± 2.00"
 
 
 def test_ci_runs_exactly_the_readme_test_command():
@@ -1146,7 +1190,8 @@ def test_shipped_checkpoint_config_matches_its_note(path):
         for item in note.split("--set", 1)[1].split(" --")[0].split():
             if "=" in item:
                 k, v = item.split("=", 1)
-                assert k in merged and json.dumps(merged[k]) == json.dumps(json.loads(v)), item
+                have = list(merged[k]) if isinstance(merged.get(k), tuple) else merged.get(k)
+                assert k in merged and have == json.loads(v), item           # 0 == 0.0
     if ck["stage"] != "teacher":
         assert f"seed {ck['seed']}" in note
     for flag, key in (("--order", "order"), ("--context-t", "context_t")):

@@ -56,11 +56,11 @@ class TrainConfig:
     dmd_shift: float = 1.0       # σ-shift of the DMD queries and the critic's levels (official 5;
     #                              here the student's shift, as the official code shares one)
     rollout_frames: int = 0      # self-rollout length (0: frames); gradient on the last `frames`
-    gen_lr: float = 2e-5
-    critic_lr: float = 4e-5
-    critic_ratio: int = 3        # critic updates per generator update (official: 5)
-    weight_decay: float = 0.0    # AdamW (official: 0.01)
-    grad_clip: float = 1.0       # gradient-norm clip (official: 10)
+    gen_lr: float = 2e-5         # official 2e-6 for a 1.3B model; the toy's 10× larger
+    critic_lr: float = 3e-6      # the official critic : generator lr ratio, 3e-7 : 2e-6 = 0.15
+    critic_ratio: int = 5        # critic updates per generator update (official: 5)
+    weight_decay: float = 0.01   # AdamW (official: 0.01)
+    grad_clip: float = 10.0      # gradient-norm clip (official: 10)
     fkl_weight: float = 0.1      # λ of Eq. 11 (paper: 0.1); 0 turns the forward-KL term off
     fkl_mode: str = "bidirectional"  # student attention in the FKL term: bidirectional | causal
     ema: float = 0.99
@@ -147,6 +147,10 @@ def config_diff(a: dict, b: dict, keys=None) -> list[str]:
 
 NETWORK_FIELDS = [f.name for f in dataclasses.fields(hiar.Config)
                   if f.name not in hiar.SAMPLER_FIELDS]
+
+
+# What the ODE pairs and the ODE init depend on besides the data and network (--init-from).
+ODE_FIELDS = ["batch", "guidance", "ode_pairs", "ode_steps", "ode_shift", "init_steps", "init_lr"]
 
 
 def check_network(ck: dict, cfg: hiar.Config, path):
@@ -544,6 +548,30 @@ def resolve_students(args, cfg: hiar.Config, tc: TrainConfig) -> list[tuple]:
     return out
 
 
+def share_init(run: Run, src: Path):
+    """--init-from: take the finished ODE pairs and ODE init of another run directory (same data,
+    network, sampler and ODE settings), so students of several seeds or DMD recipes start from one
+    ODE init. The files are hard-linked (copied where links are impossible)."""
+    for stage in ("ode_pairs", "ode_init"):
+        s_path, d_path = src / f"{stage}.pt", run.ckpt(stage)
+        if not s_path.is_file():
+            raise CLIError(f"--init-from {src}: no {stage}.pt there")
+        ck = load_checkpoint(s_path)
+        diff = (config_diff(ck["config"], run.cfg.to_dict())
+                + config_diff(ck.get("train", {}), asdict(run.tc), ODE_FIELDS))
+        if not ck.get("done") or diff:
+            why = "is not finished" if not ck.get("done") else f"differs ({'; '.join(diff)})"
+            raise CLIError(f"--init-from {src}: its {stage}.pt {why}")
+        if d_path.exists():
+            if d_path.samefile(s_path):
+                continue
+            raise CLIError(f"--init-from {src}: {d_path} exists already; use another --run-dir")
+        try:
+            os.link(s_path, d_path)
+        except OSError:
+            shutil.copyfile(s_path, d_path)
+
+
 def load_teacher(run: Run, from_scratch: bool, path) -> hiar.VideoDiT:
     if from_scratch:
         if not run.done("teacher"):
@@ -572,8 +600,9 @@ def ship(run: Run, stage: str, dest: Path, command: str):
     small.update(model={k: v.to(dtype) for k, v in weights.items()},
                  note=f"{command} (seed {run.seed}; weights stored in "
                       f"{str(dtype).replace('torch.', '')})")
-    save_atomic(small, Path(dest) / f"{stage}.pt")
-    print(f"shipped {Path(dest) / f'{stage}.pt'}")
+    name = stage if stage in ("teacher", "ode_init") else f"{stage}_s{run.seed}"  # seeds side by side
+    save_atomic(small, Path(dest) / f"{name}.pt")
+    print(f"shipped {Path(dest) / f'{name}.pt'}")
     if stage == "teacher" and run.ckpt("teacher").with_suffix(".gif").exists():
         shutil.copyfile(run.ckpt("teacher").with_suffix(".gif"), Path(dest) / "teacher.gif")
 
@@ -591,6 +620,14 @@ def run_all(args) -> Run:
     torch.manual_seed(args.seed)
     run = Run(Path(args.run_dir or f"runs/{args.preset}_s{args.seed}"), cfg, tc, dev, args.seed)
     students = resolve_students(args, cfg, tc)
+    if args.init_from:
+        src = Path(args.init_from)
+        if args.from_scratch:
+            raise CLIError("--init-from: the shared ODE init comes with its teacher; "
+                           "drop --from-scratch")
+        share_init(run, src)
+        if not args.teacher and (src / "teacher.pt").is_file():
+            args.teacher = str(src / "teacher.pt")     # the teacher that ODE init came from
     teacher_path = Path(args.teacher) if args.teacher else SHIPPED / "teacher.pt"
     if not args.from_scratch and not args.teacher and args.preset != "toy":
         args.from_scratch = True         # no shipped teacher for other presets: train one
@@ -626,7 +663,8 @@ def run_all(args) -> Run:
         print(f"nothing to do: every stage of {run.path} is finished")
     if args.ship:
         command = "python train_toy.py " + " ".join(sys.argv[1:])
-        for stage in ["ode_init"] + [s[0] for s in students]:
+        shared = ["ode_init"] if not args.init_from else []    # a shared one ships from its run
+        for stage in shared + [s[0] for s in students]:
             ship(run, stage, Path(args.ship), command)
     return run
 
@@ -653,6 +691,8 @@ def parse_args(argv=None):
     p.add_argument("--context-t", choices=list(hiar.CONTEXT_LEVELS), default=None,
                    help="context level of the custom student: current=t_j, next=t_{j+1}, clean")
     p.add_argument("--name", default=None, help="stage name of the custom student")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="reuse the finished ODE pairs and ODE init of this run directory")
     p.add_argument("--ship", default=None, metavar="DIR",
                    help="afterwards, write small sampling checkpoints of the students to DIR")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",

@@ -26,26 +26,32 @@ sys.path.insert(0, str(ROOT))
 import hiar  # noqa: E402
 import sample  # noqa: E402
 
-# (row label, checkpoint names (one per training seed), sampler, context level, x0 bias)
+SF = [f"self_forcing_s{i}" for i in range(3)]     # one checkpoint per training seed
+HIAR = [f"hiar_s{i}" for i in range(3)]
+FIRST = [0]          # rows sampled with seed 0 only: the spread is then over training seeds
+# (row label, checkpoints (one per training seed), sampler, context level, x0 bias, sampling
+# seeds (None: --seeds))
 ROWS = [
-    ("ODE init, block-major", ["ode_init"], "block", "next", 0.0),
-    ("ODE init, step-major", ["ode_init"], "step", "next", 0.0),
-    ("ODE init + bias, block-major", ["ode_init"], "block", "next", 0.03),
-    ("ODE init + bias, step-major", ["ode_init"], "step", "next", 0.03),
-    ("Self-Forcing-style, block-major", ["self_forcing_s0", "self_forcing_s1", "self_forcing_s2"],
-     "block", "clean", 0.0),
-    ("HiAR, step-major", ["hiar_s0", "hiar_s1", "hiar_s2"], "step", "next", 0.0),
-    ("HiAR without FKL", ["hiar_no_fkl_s0"], "step", "next", 0.0),
-    ("HiAR, context t_j (inference only)", ["hiar_s0", "hiar_s1", "hiar_s2"], "step", "current",
-     0.0),
-    ("HiAR, context clean (inference only)", ["hiar_s0", "hiar_s1", "hiar_s2"], "step", "clean",
-     0.0),
-    ("Self-Forcing weights, step-major", ["self_forcing_s0", "self_forcing_s1",
-                                          "self_forcing_s2"], "step", "next", 0.0),
-    ("HiAR weights, block-major", ["hiar_s0", "hiar_s1", "hiar_s2"], "block", "clean", 0.0),
+    ("Self-Forcing-style, block-major", SF, "block", "clean", 0.0, None),
+    ("HiAR, step-major", HIAR, "step", "next", 0.0, None),
+    ("HiAR without FKL, step-major", ["hiar_no_fkl_s0"], "step", "next", 0.0, None),
+    ("HiAR, context t_j (inference only)", HIAR, "step", "current", 0.0, FIRST),
+    ("HiAR, context clean (inference only)", HIAR, "step", "clean", 0.0, FIRST),
+    ("Self-Forcing weights, step-major", SF, "step", "next", 0.0, FIRST),
+    ("HiAR weights, block-major", HIAR, "block", "clean", 0.0, FIRST),
+    ("Self-Forcing-style, first-round recipe", ["self_forcing_r0_s0"], "block", "clean", 0.0,
+     None),
+    ("Self-Forcing-style + bias, block-major", SF, "block", "clean", 0.03, FIRST),
+    ("HiAR + bias, step-major", HIAR, "step", "next", 0.03, FIRST),
+    ("ODE init, block-major", ["ode_init"], "block", "next", 0.0, None),
+    ("ODE init, step-major", ["ode_init"], "step", "next", 0.0, None),
+    ("ODE init + bias, block-major", ["ode_init"], "block", "next", 0.03, None),
+    ("ODE init + bias, step-major", ["ode_init"], "step", "next", 0.03, None),
 ]
-GIF_ROWS = ("ODE init, block-major", "ODE init, step-major", "ODE init + bias, block-major",
-            "ODE init + bias, step-major", "Self-Forcing-style, block-major", "HiAR, step-major")
+GIF_ROWS = ("Self-Forcing-style, block-major", "HiAR, step-major", "ODE init, block-major",
+            "ODE init, step-major")
+CURVE_ROWS = ("Self-Forcing-style, block-major", "HiAR, step-major",
+              "HiAR without FKL, step-major", "ODE init, block-major")
 SUMMARY = ("value", "saturation", "size", "hue_err", "speed")     # + the drift score
 CURVE_POINTS = 20
 
@@ -92,10 +98,15 @@ def combine(results: list[dict]) -> dict:
             for name in sample.MEASURES}
 
 
-def scores(results: list[dict], data: list[dict]) -> list[float]:
-    """Drift score per rollout, in units of the data's spread between videos (all data videos)."""
-    pooled = {n: (torch.cat([d[n][0] for d in data]), None) for n in sample.MEASURES}
-    return [sample.drift_score(r, pooled).mean().item() for r in results]
+def spread_of(data: list[dict]) -> dict:
+    """The data's spread between videos per measure, over all data videos (every seed)."""
+    return sample.data_spread({n: (torch.cat([d[n][0] for d in data]), None)
+                               for n in sample.MEASURES})
+
+
+def scores(results: list[dict], spread: dict) -> list[float]:
+    """Drift score per rollout, in units of the data's spread between videos."""
+    return [sample.drift_score(r, spread=spread).mean().item() for r in results]
 
 
 def curve_means(sums_list) -> dict:
@@ -109,12 +120,6 @@ def curve_means(sums_list) -> dict:
         out[name + "_std"] = torch.stack([(s[name][0] / s[name][1].clamp(min=1)).std(0)
                                           for s in sums_list]).mean(0).tolist()
     return out
-
-
-def fmt(values, digits=3, sign=False):
-    t = torch.tensor(values)
-    f = f"{{:{'+' if sign else ''}.{digits}f}}"
-    return (f.format(t.mean()) + ("" if len(t) < 2 else f" ± {t.std():.{digits}f}"))
 
 
 def main(argv=None):
@@ -151,25 +156,36 @@ def main(argv=None):
         raise SystemExit(f"no checkpoints of these rows in {ckdir}")
     lengths = [args.short * cfg.frames, args.long * cfg.frames]
     frames = lengths[-1]
-    data_res, data_curves, data_gif = run_row({}, ["data"], None, None, 0.0, args.seeds, args.num,
-                                              frames, lengths, cfg, data=True)
-    ev = {"args": vars(args), "lengths": lengths, "rows": {}, "curves": {}}
-    ev["rows"]["data"] = {L: {"measures": combine(data_res[L]),
-                              "score": scores(data_res[L], data_res[L]), "ckpts": []}
-                          for L in lengths}
-    ev["curves"]["data"] = curve_means(data_curves)
-    gifs = {"data": data_gif}
-    for label, ckpts, sampler, ctx, bias in rows:
+    same = {k: v for k, v in vars(args).items() if k not in ("rows", "table_only")}
+    old = json.loads((out / "evidence.json").read_text()) if (out / "evidence.json").exists() \
+        else None
+    if args.rows is not None and old and {k: old["args"].get(k) for k in same} == same:
+        ev = old                                    # --rows: recompute these rows, keep the rest
+        ev["rows"] = {k: {int(L): r for L, r in v.items()} for k, v in ev["rows"].items()}
+        ev["args"] = vars(args)
+        gifs = {}
+    else:
+        data_res, data_curves, data_gif = run_row({}, ["data"], None, None, 0.0, args.seeds,
+                                                  args.num, frames, lengths, cfg, data=True)
+        ev = {"args": vars(args), "lengths": lengths, "rows": {}, "curves": {}}
+        ev["data_spread"] = {str(L): spread_of(data_res[L]) for L in lengths}
+        ev["rows"]["data"] = {L: {"measures": combine(data_res[L]), "ckpts": [],
+                                  "score": scores(data_res[L], ev["data_spread"][str(L)]),
+                                  "seeds": args.seeds} for L in lengths}
+        ev["curves"]["data"] = curve_means(data_curves)
+        gifs = {"data": data_gif}
+    for label, ckpts, sampler, ctx, bias, seeds in rows:
         have = [c for c in ckpts if c in models]
         if not have:
             print(f"skip {label}: none of {ckpts} shipped")
             continue
-        res, curves, gif = run_row(models, have, sampler, ctx, bias, args.seeds, args.num,
+        seeds = seeds or args.seeds
+        res, curves, gif = run_row(models, have, sampler, ctx, bias, seeds, args.num,
                                    frames, lengths, cfg)
-        ev["rows"][label] = {L: {"measures": combine(res[L]), "score": scores(res[L],
-                                                                                data_res[L]),
-                                 "ckpts": have, "sampler": sampler, "context_t": ctx,
-                                 "bias": bias} for L in lengths}
+        ev["rows"][label] = {L: {"measures": combine(res[L]),
+                                 "score": scores(res[L], ev["data_spread"][str(L)]),
+                                 "ckpts": have, "seeds": seeds, "sampler": sampler,
+                                 "context_t": ctx, "bias": bias} for L in lengths}
         ev["curves"][label] = curve_means(curves)
         if label in GIF_ROWS:
             gifs[label] = gif
@@ -179,41 +195,66 @@ def main(argv=None):
     (out / "evidence.md").write_text(full)
     (out / "evidence_summary.md").write_text(summary)
     print(summary)
-    sample.save_gif(out / "drift_40x.gif", sample.grid_frames(gifs, scale=3, per_row=3), fps=8)
+    if "data" in gifs and all(r in gifs for r in GIF_ROWS if r in ev["rows"]):
+        order = ["data"] + [r for r in GIF_ROWS if r in gifs]
+        sample.save_gif(out / "drift_40x.gif", sample.grid_frames({k: gifs[k] for k in order},
+                                                                  scale=3, per_row=3), fps=8)
+    else:
+        print("drift_40x.gif left as it was (run without --rows to remake it)")
     plot_curves(ev, out / "drift_curves.png", lengths[-1], cfg.frames)
+
+
+def by_training_seed(values: list, ckpts: list) -> tuple[torch.Tensor, str]:
+    """Rollout values (checkpoint-major) → one value per training seed (mean over its sampling
+    seeds) where a row has several checkpoints, else the values per sampling seed."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if len(ckpts) > 1:
+        return t.view(len(ckpts), -1).mean(1), "training seeds"
+    return t, "sampling seeds"
+
+
+def fmt_row(values, ckpts, digits=3, sign=False) -> str:
+    t, _ = by_training_seed(values, ckpts)
+    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    return f.format(t.mean()) + ("" if len(t) < 2 else f" ± {t.std():.{digits}f}")
 
 
 def tables(ev: dict, args) -> tuple[str, str]:
     """The full table (every measure, both lengths) and the README summary (≤ 6 columns)."""
     L0, L1 = ev["lengths"]
-    head = ("| rollout | length | drift score | " + " | ".join(sample.MEASURES) + " |\n"
-            + "|---" * (len(sample.MEASURES) + 3) + "|")
+    get = lambda by_len, L: by_len[L] if L in by_len else by_len[str(L)]   # noqa: E731
+    head = ("| rollout | length | seeds (training × sampling) | drift score | "
+            + " | ".join(sample.MEASURES) + " |\n" + "|---" * (len(sample.MEASURES) + 4) + "|")
     lines = [head]
     for label, by_len in ev["rows"].items():
         for L in (L0, L1):
-            r = by_len[L] if L in by_len else by_len[str(L)]
-            cells = [fmt(r["score"], 2)]
+            r = get(by_len, L)
+            ck = r["ckpts"] or ["data"]
+            seeds = f"{len(ck)} × {len(r['seeds'])}" if r["ckpts"] else f"– × {len(r['seeds'])}"
+            cells = [fmt_row(r["score"], ck, 2)]
             for name in sample.MEASURES:
                 m = r["measures"][name]
-                cells.append(f"{fmt(m['level'])} / {fmt(m['drift'], 4, True)}")
-            lines.append(f"| {label} | {L} | " + " | ".join(cells) + " |")
-    note = (f"\nEach measure: level (mean over the video) / drift (slope per segment, 5 segments); "
-            f"mean ± std over rollouts ({len(args.seeds)} sampling seeds × the row's training "
-            f"seeds; {args.num} videos each). Drift score: mean |drift| over the measures in "
-            f"units of the data's spread between videos (0 = flat). Measures: "
+                cells.append(f"{fmt_row(m['level'], ck)} / {fmt_row(m['drift'], ck, 4, True)}")
+            lines.append(f"| {label} | {L} | {seeds} | " + " | ".join(cells) + " |")
+    note = (f"\nEach measure: level (mean over the video) / drift (slope per segment, 5 segments). "
+            f"Mean ± std over **training seeds** (each the mean of its sampling seeds) where a row "
+            f"has several checkpoints, else over sampling seeds; {args.num} videos per rollout. "
+            f"Drift score: mean |drift| over the measures in units of the data's spread between "
+            f"videos (0 = flat; the data row's score is the metric's noise floor). Measures: "
             + "; ".join(f"{k}: {v}" for k, v in sample.DESCRIPTIONS.items()) + ".\n")
     summary = [f"| rollout, {L1} frames | drift score | background | saturation | speed | "
                "hue error |", "|---|---|---|---|---|---|"]
     for label, by_len in ev["rows"].items():
-        r = by_len[L1] if L1 in by_len else by_len[str(L1)]
-        m = r["measures"]
+        r = get(by_len, L1)
+        m, ck = r["measures"], r["ckpts"] or ["data"]
         cells = [f"{torch.tensor(m[n]['level']).mean():.3f} "
                  f"({torch.tensor(m[n]['drift']).mean():+.3f})"
                  for n in ("background", "saturation", "speed")]
-        summary.append(f"| {label} | {fmt(r['score'], 2)} | " + " | ".join(cells)
+        summary.append(f"| {label} | {fmt_row(r['score'], ck, 2)} | " + " | ".join(cells)
                        + f" | {torch.tensor(m['hue_err']['level']).mean():.3f} |")
-    summary.append(f"\nDrift score: mean ± std over rollouts ({len(args.seeds)} sampling seeds × "
-                   f"training seeds, {args.num} videos each); other cells: level (drift per "
+    summary.append(f"\nDrift score: mean ± std over training seeds (3 checkpoints each, "
+                   "the mean of their sampling seeds) for rows with several; over sampling seeds "
+                   f"otherwise; {args.num} videos a rollout; other cells: level (drift per "
                    "segment), means. Full table: docs/evidence.md.")
     return "\n".join(lines) + note, "\n".join(summary) + "\n"
 
@@ -229,7 +270,7 @@ def plot_curves(ev: dict, path: Path, frames: int, train_frames: int):
     names = ["value", "saturation", "size", "background", "hue_err", "speed"]
     x = [(i + 0.5) * frames / CURVE_POINTS / train_frames for i in range(CURVE_POINTS)]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    show = [k for k in ev["curves"] if k != "data" and k in GIF_ROWS]
+    show = [k for k in CURVE_ROWS if k in ev["curves"]]
     colours = plt.cm.tab10.colors
     for ax, name in zip(axes.flat, names):
         d = torch.tensor(ev["curves"]["data"][name])
