@@ -874,8 +874,11 @@ def test_drift_score_scales_by_the_data_spread(long_data):
     assert sample.drift_score(fake, m).abs().max() == 0
     fake["background"] = (m["background"][0], torch.full_like(m["background"][1], 1.0))
     spread = m["background"][0].std()
-    assert sample.drift_score(fake, m).mean() == pytest.approx(1 / spread / len(sample.MEASURES),
+    assert sample.drift_score(fake, m).mean() == pytest.approx(1 / spread / len(sample.SCORED),
                                                                rel=1e-4)
+    fake["background"] = (m["background"][0], torch.zeros_like(m["background"][1]))
+    fake["jump"] = (m["jump"][0], torch.full_like(m["jump"][1], 1.0))
+    assert sample.drift_score(fake, m).abs().max() == 0       # seams are reported, not scored
 
 
 # ------------------------------------------------------------------------------------------------

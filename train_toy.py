@@ -3,6 +3,7 @@
     python train_toy.py                       # distil from the shipped teacher (checkpoints/)
     python train_toy.py --from-scratch        # train the teacher too
     python train_toy.py --preset smoke        # every stage end to end in under a minute
+    python train_toy.py --seed 1 --init-from runs/toy_s0 --run-dir runs/s1   # another DMD seed
 
 Every stage writes its checkpoint into the run directory; rerunning the same command after an
 interruption skips finished stages and resumes the interrupted one from its last checkpoint.
@@ -692,7 +693,8 @@ def parse_args(argv=None):
                    help="context level of the custom student: current=t_j, next=t_{j+1}, clean")
     p.add_argument("--name", default=None, help="stage name of the custom student")
     p.add_argument("--init-from", default=None, metavar="DIR",
-                   help="reuse the finished ODE pairs and ODE init of this run directory")
+                   help="reuse the finished ODE pairs and ODE init of this run directory (and "
+                        "its teacher.pt if it has one): students of several seeds share one init")
     p.add_argument("--ship", default=None, metavar="DIR",
                    help="afterwards, write small sampling checkpoints of the students to DIR")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",

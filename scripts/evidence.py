@@ -17,7 +17,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,39 +55,53 @@ SUMMARY = ("value", "saturation", "size", "hue_err", "speed")     # + the drift 
 CURVE_POINTS = 20
 
 
-def run_row(models, ckpts, sampler, ctx, bias, seeds, num, frames, lengths, cfg, data=False):
+def rollout_stream(models, ck, sampler, ctx, bias, seed, num, frames, cfg):
+    """One rollout (or the data, ck = "data") of `num` videos, block by block."""
+    label = torch.arange(num) % cfg.labels if cfg.labels else None
+    if ck == "data":
+        return sample.data_stream(cfg, num, seed, frames, label)
+    noise = hiar.Noise(cfg, [seed * 1_000_003 + i for i in range(num)])
+    return sample.block_stream(models[ck], sampler, noise, frames, label, ctx, x0_bias=bias)
+
+
+def run_row(models, ckpts, sampler, ctx, bias, seeds, num, frames, lengths, cfg):
     """Stream every (checkpoint, seed) rollout through meters: {length: [result per ckpt×seed]}
-    and curves (CURVE_POINTS bins over the longest length), plus the first video's frames."""
+    and curves (CURVE_POINTS bins over the longest length)."""
     out = {L: [] for L in lengths}
-    curves, gif = [], None
+    curves = []
     for ck in ckpts:
         for seed in seeds:
-            label = torch.arange(num) % cfg.labels if cfg.labels else None
-            if data:
-                stream = sample.data_stream(cfg, num, seed, frames, label)
-            else:
-                model = models[ck]
-                noise = hiar.Noise(cfg, [seed * 1_000_003 + i for i in range(num)])
-                stream = sample.block_stream(model, sampler, noise, frames, label, ctx,
-                                             x0_bias=bias)
             meters = {L: sample.DriftMeter(L, cfg.block, cfg.shapes) for L in lengths}
             curve = sample.DriftMeter(frames, cfg.block, cfg.shapes, segments=CURVE_POINTS)
-            t, keep = 0, []
+            t = 0
             with torch.no_grad():
-                for x in stream:
+                for x in rollout_stream(models, ck, sampler, ctx, bias, seed, num, frames, cfg):
                     for L, m in meters.items():
                         if t < L:
                             m.update(x[:, :L - t])
                     curve.update(x)
-                    if gif is None and len(keep) * cfg.block < frames:
-                        keep.append(sample.to_uint8(x[:4]))
                     t += x.shape[1]
-            if gif is None:                             # every 4th frame of 3 videos
-                gif = np.concatenate(keep, 1)[:3, ::4]
             for L, m in meters.items():
                 out[L].append(m.result())
             curves.append(curve.sums)
-    return out, curves, gif
+    return out, curves
+
+
+def side_by_side_gif(models, cfg, frames: int, path: Path):
+    """The first three videos of sampling seed 0 (the same as in the tables: the noise is per
+    video) of the data and each GIF row, every 4th frame."""
+    rows = {"data": ("data", None, None, 0.0)}
+    for label, ckpts, sampler, ctx, bias, _ in ROWS:
+        if label in GIF_ROWS and ckpts[0] in models:
+            rows[label] = (ckpts[0], sampler, ctx, bias)
+    gifs = {}
+    with torch.no_grad():
+        for label, (ck, sampler, ctx, bias) in rows.items():
+            v = torch.cat(list(rollout_stream(models, ck, sampler, ctx, bias, 0, 3, frames, cfg)),
+                          1)
+            gifs[label] = sample.to_uint8(v)[:, ::4]
+    sample.save_gif(path, sample.grid_frames(gifs, scale=3, per_row=3), fps=8)
+    print(f"wrote {path}")
 
 
 def combine(results: list[dict]) -> dict:
@@ -131,6 +144,8 @@ def main(argv=None):
     p.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints"))
     p.add_argument("--out", default=str(ROOT / "docs"))
     p.add_argument("--rows", default=None, help="comma-separated row labels' indices (default all)")
+    p.add_argument("--no-gif", dest="gif", action="store_false", help="leave the GIF as it is")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--table-only", action="store_true",
                    help="rebuild the tables from docs/evidence.json without sampling")
     args = p.parse_args(argv)
@@ -144,10 +159,11 @@ def main(argv=None):
         (out / "evidence_summary.md").write_text(summary)
         print(summary)
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rows = ROWS if args.rows is None else [ROWS[int(i)] for i in args.rows.split(",")]
     models, cfg = {}, None
-    for _, ckpts, *_ in rows:
+    gif_rows = [r for r in ROWS if r[0] in GIF_ROWS] if args.gif else []
+    for _, ckpts, *_ in rows + gif_rows:
         for ck in ckpts:
             if ck not in models and (ckdir / f"{ck}.pt").exists():
                 models[ck] = sample.load_student(str(ckdir / f"{ck}.pt"), "cpu")[0]
@@ -156,51 +172,46 @@ def main(argv=None):
         raise SystemExit(f"no checkpoints of these rows in {ckdir}")
     lengths = [args.short * cfg.frames, args.long * cfg.frames]
     frames = lengths[-1]
-    same = {k: v for k, v in vars(args).items() if k not in ("rows", "table_only")}
+    same = {k: v for k, v in vars(args).items()
+            if k not in ("rows", "table_only", "threads", "gif")}
     old = json.loads((out / "evidence.json").read_text()) if (out / "evidence.json").exists() \
         else None
     if args.rows is not None and old and {k: old["args"].get(k) for k in same} == same:
         ev = old                                    # --rows: recompute these rows, keep the rest
         ev["rows"] = {k: {int(L): r for L, r in v.items()} for k, v in ev["rows"].items()}
         ev["args"] = vars(args)
-        gifs = {}
     else:
-        data_res, data_curves, data_gif = run_row({}, ["data"], None, None, 0.0, args.seeds,
-                                                  args.num, frames, lengths, cfg, data=True)
+        data_res, data_curves = run_row({}, ["data"], None, None, 0.0, args.seeds, args.num,
+                                        frames, lengths, cfg)
         ev = {"args": vars(args), "lengths": lengths, "rows": {}, "curves": {}}
         ev["data_spread"] = {str(L): spread_of(data_res[L]) for L in lengths}
         ev["rows"]["data"] = {L: {"measures": combine(data_res[L]), "ckpts": [],
                                   "score": scores(data_res[L], ev["data_spread"][str(L)]),
                                   "seeds": args.seeds} for L in lengths}
         ev["curves"]["data"] = curve_means(data_curves)
-        gifs = {"data": data_gif}
     for label, ckpts, sampler, ctx, bias, seeds in rows:
         have = [c for c in ckpts if c in models]
         if not have:
             print(f"skip {label}: none of {ckpts} shipped")
             continue
         seeds = seeds or args.seeds
-        res, curves, gif = run_row(models, have, sampler, ctx, bias, seeds, args.num,
-                                   frames, lengths, cfg)
+        res, curves = run_row(models, have, sampler, ctx, bias, seeds, args.num, frames,
+                              lengths, cfg)
         ev["rows"][label] = {L: {"measures": combine(res[L]),
                                  "score": scores(res[L], ev["data_spread"][str(L)]),
                                  "ckpts": have, "seeds": seeds, "sampler": sampler,
                                  "context_t": ctx, "bias": bias} for L in lengths}
         ev["curves"][label] = curve_means(curves)
-        if label in GIF_ROWS:
-            gifs[label] = gif
         print(f"done {label}", flush=True)
+    order = ["data"] + [r[0] for r in ROWS]
+    ev["rows"] = {k: ev["rows"][k] for k in order if k in ev["rows"]}
     (out / "evidence.json").write_text(json.dumps(ev, indent=1))
     full, summary = tables(ev, args)
     (out / "evidence.md").write_text(full)
     (out / "evidence_summary.md").write_text(summary)
     print(summary)
-    if "data" in gifs and all(r in gifs for r in GIF_ROWS if r in ev["rows"]):
-        order = ["data"] + [r for r in GIF_ROWS if r in gifs]
-        sample.save_gif(out / "drift_40x.gif", sample.grid_frames({k: gifs[k] for k in order},
-                                                                  scale=3, per_row=3), fps=8)
-    else:
-        print("drift_40x.gif left as it was (run without --rows to remake it)")
+    if args.gif:
+        side_by_side_gif(models, cfg, frames, out / "drift_40x.gif")
     plot_curves(ev, out / "drift_curves.png", lengths[-1], cfg.frames)
 
 
@@ -239,7 +250,8 @@ def tables(ev: dict, args) -> tuple[str, str]:
     note = (f"\nEach measure: level (mean over the video) / drift (slope per segment, 5 segments). "
             f"Mean ± std over **training seeds** (each the mean of its sampling seeds) where a row "
             f"has several checkpoints, else over sampling seeds; {args.num} videos per rollout. "
-            f"Drift score: mean |drift| over the measures in units of the data's spread between "
+            f"Drift score: each video's mean |drift| over the attribute levels "
+            f"({', '.join(sample.SCORED)}) in units of the data's spread between "
             f"videos (0 = flat; the data row's score is the metric's noise floor). Measures: "
             + "; ".join(f"{k}: {v}" for k, v in sample.DESCRIPTIONS.items()) + ".\n")
     summary = [f"| rollout, {L1} frames | drift score | background | saturation | speed | "
@@ -252,9 +264,9 @@ def tables(ev: dict, args) -> tuple[str, str]:
                  for n in ("background", "saturation", "speed")]
         summary.append(f"| {label} | {fmt_row(r['score'], ck, 2)} | " + " | ".join(cells)
                        + f" | {torch.tensor(m['hue_err']['level']).mean():.3f} |")
-    summary.append(f"\nDrift score: mean ± std over training seeds (3 checkpoints each, "
-                   "the mean of their sampling seeds) for rows with several; over sampling seeds "
-                   f"otherwise; {args.num} videos a rollout; other cells: level (drift per "
+    summary.append(f"\nDrift score: mean ± std over training seeds (the row's checkpoints, "
+                   "each the mean of its sampling seeds) for rows with several; over sampling "
+                   f"seeds otherwise; {args.num} videos a rollout; other cells: level (drift per "
                    "segment), means. Full table: docs/evidence.md.")
     return "\n".join(lines) + note, "\n".join(summary) + "\n"
 
