@@ -390,8 +390,9 @@ def metric_table(results: dict, data_key: str = "data") -> str:
                      else f"{score.mean():.2f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + ("\n\nEach cell: mean level (drift = slope per segment over 5 "
-                              "segments). Drift score: mean |drift| in units of the data's "
-                              "spread between videos, ± std over videos.")
+                              "segments). Drift score: mean |drift| of " + ", ".join(SCORED)
+                              + " in units of the data's spread between videos, ± std over "
+                              "videos (hue_err and jump are reported, not scored).")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -946,6 +946,28 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     assert sample.load_checkpoint(path) == {"a": 1}                # the old file is intact
 
 
+def test_default_run_adopts_the_shipped_ode_init_only_when_it_fits(tmp_path):
+    """`python train_toy.py` starts from checkpoints/ode_init.pt (as from the shipped teacher)
+    when config, ODE settings and seed match; otherwise it makes its own."""
+    toy, tc = hiar.Config.preset("toy"), train_toy.TrainConfig()
+    run = train_toy.Run(tmp_path / "a", toy, tc, torch.device("cpu"), 0)
+    assert train_toy.adopt_shipped_init(run) and run.done("ode_init")
+    shipped = sample.load_checkpoint(train_toy.SHIPPED / "ode_init.pt")
+    ours = sample.model_from_checkpoint(sample.load_checkpoint(run.ckpt("ode_init")), "x")
+    ref = sample.model_from_checkpoint(shipped, "y")
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(),
+                                                 ref.state_dict().values()))
+    assert not train_toy.adopt_shipped_init(run)                    # once; never overwrites
+    other = train_toy.Run(tmp_path / "b", toy, tc, torch.device("cpu"), 1)        # seed
+    assert not train_toy.adopt_shipped_init(other) and not other.ckpt("ode_init").exists()
+    fewer = train_toy.TrainConfig(ode_pairs=8)                                   # ODE setting
+    third = train_toy.Run(tmp_path / "c", toy, fewer, torch.device("cpu"), 0)
+    assert not train_toy.adopt_shipped_init(third)
+    dmd = train_toy.TrainConfig(dmd_steps=10)                 # a DMD setting does not matter
+    assert train_toy.adopt_shipped_init(train_toy.Run(tmp_path / "d", toy, dmd,
+                                                      torch.device("cpu"), 0))
+
+
 def test_critic_trains_on_the_dmd_query_levels_with_cfg(cfg, smoke_run, monkeypatch):
     """Recipe (official `critic_loss`): the critic's flow loss uses the levels the DMD loss
     queries (dmd_sigma), not the teacher's; and the real score carries CFG."""

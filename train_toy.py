@@ -573,6 +573,25 @@ def share_init(run: Run, src: Path):
             shutil.copyfile(s_path, d_path)
 
 
+def adopt_shipped_init(run: Run) -> bool:
+    """The default run starts from the shipped ODE init (checkpoints/ode_init.pt) when it was made
+    with this run's config, ODE settings and seed, as it starts from the shipped teacher: its
+    float16 weights become the run's finished ode_init stage (10.9 min saved here). The ODE
+    pairs are still made, for the forward-KL targets."""
+    path = SHIPPED / "ode_init.pt"
+    if not path.is_file() or run.ckpt("ode_init").exists():
+        return False
+    ck = load_checkpoint(path)
+    diff = (config_diff(ck["config"], run.cfg.to_dict())
+            + config_diff(ck.get("train", {}), asdict(run.tc), ODE_FIELDS))
+    if diff or ck.get("seed") != run.seed:
+        return False
+    save_atomic({**ck, "model": {k: v.float() for k, v in ck["model"].items()}, "done": True,
+                 "shipped": str(path)}, run.ckpt("ode_init"))
+    print(f"ode_init: the shipped {path} (same config and seed; --from-scratch retrains it)")
+    return True
+
+
 def load_teacher(run: Run, from_scratch: bool, path) -> hiar.VideoDiT:
     if from_scratch:
         if not run.done("teacher"):
@@ -638,6 +657,8 @@ def run_all(args) -> Run:
     print(f"run {run.path} on {dev}, preset {args.preset}, seed {args.seed}, "
           f"students {[s[0] for s in students]}")
     times = {}
+    if not args.from_scratch and not args.init_from and not args.teacher:
+        adopt_shipped_init(run)
     teacher = load_teacher(run, args.from_scratch, teacher_path)
     if args.teacher_only:
         if args.ship and args.from_scratch:
@@ -664,7 +685,8 @@ def run_all(args) -> Run:
         print(f"nothing to do: every stage of {run.path} is finished")
     if args.ship:
         command = "python train_toy.py " + " ".join(sys.argv[1:])
-        shared = ["ode_init"] if not args.init_from else []    # a shared one ships from its run
+        own_init = not args.init_from and not load_checkpoint(run.ckpt("ode_init")).get("shipped")
+        shared = ["ode_init"] if own_init else []   # a shared or shipped one is not shipped again
         for stage in shared + [s[0] for s in students]:
             ship(run, stage, Path(args.ship), command)
     return run

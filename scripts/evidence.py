@@ -5,6 +5,7 @@ side-by-side GIF.
 
     python scripts/evidence.py                     # every row whose checkpoints are shipped
     python scripts/evidence.py --seeds 0 1 2 --num 8 --long 40
+    python scripts/evidence.py --rows 1,2 --no-gif # redo two rows, keep the rest of the json
 
 Writes docs/evidence.json, docs/evidence.md (full table), docs/evidence_summary.md (≤ 6
 columns), docs/drift_curves.png (needs matplotlib, the notebook extra) and docs/drift_40x.gif.
@@ -143,7 +144,10 @@ def main(argv=None):
     p.add_argument("--long", type=int, default=40, help="long length, × the training length")
     p.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints"))
     p.add_argument("--out", default=str(ROOT / "docs"))
-    p.add_argument("--rows", default=None, help="comma-separated row labels' indices (default all)")
+    p.add_argument("--rows", default=None,
+                   help="indices into ROWS, comma-separated: recompute these rows and keep the "
+                        "others of docs/evidence.json (default: all rows, from scratch; '': the "
+                        "GIF only)")
     p.add_argument("--no-gif", dest="gif", action="store_false", help="leave the GIF as it is")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--table-only", action="store_true",
@@ -160,7 +164,7 @@ def main(argv=None):
         print(summary)
         return
     torch.set_num_threads(args.threads)
-    rows = ROWS if args.rows is None else [ROWS[int(i)] for i in args.rows.split(",")]
+    rows = ROWS if args.rows is None else [ROWS[int(i)] for i in args.rows.split(",") if i]
     models, cfg = {}, None
     gif_rows = [r for r in ROWS if r[0] in GIF_ROWS] if args.gif else []
     for _, ckpts, *_ in rows + gif_rows:
@@ -172,6 +176,8 @@ def main(argv=None):
         raise SystemExit(f"no checkpoints of these rows in {ckdir}")
     lengths = [args.short * cfg.frames, args.long * cfg.frames]
     frames = lengths[-1]
+    if not rows:                                    # --rows "": the GIF alone
+        return side_by_side_gif(models, cfg, frames, out / "drift_40x.gif")
     same = {k: v for k, v in vars(args).items()
             if k not in ("rows", "table_only", "threads", "gif")}
     old = json.loads((out / "evidence.json").read_text()) if (out / "evidence.json").exists() \
