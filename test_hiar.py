@@ -1188,6 +1188,18 @@ def test_evidence_spread_is_over_training_seeds():
     assert evidence.fmt_row([1, 2, 3, 4, 5, 6], ["s0", "s1", "s2"], 2) == "3.50 ± 2.00"
 
 
+def test_background_tint_distance_sees_a_tint_change_at_a_constant_level():
+    """scripts/background_tint.py: a background that turns from red to green at the same mean
+    level is invisible to the `background` level measure and seen by the tint distance."""
+    sys.path.insert(0, str(HERE / "scripts"))
+    import background_tint
+    video = torch.full((2, 12, 3, 8, 8), -1.0)
+    video[:, :, 0] = -0.6                                   # red tint 0.2 (in [0, 1] units)
+    video[:, 6:, 0], video[:, 6:, 1] = -1.0, -0.6           # → green tint 0.2, same mean level
+    d = background_tint.tint_distance(iter([video[:, i:i + 3] for i in range(0, 12, 3)]), 3, 2, 12)
+    assert d[0] == pytest.approx(0.0, abs=1e-6) and d[1] == pytest.approx(0.2 * 2 ** 0.5, rel=1e-4)
+
+
 def test_ci_runs_exactly_the_readme_test_command():
     readme = (HERE / "README.md").read_text()
     ci = (HERE / ".ci" / "run").read_text()
