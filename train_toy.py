@@ -620,7 +620,8 @@ def ship(run: Run, stage: str, dest: Path, command: str):
     small.update(model={k: v.to(dtype) for k, v in weights.items()},
                  note=f"{command} (seed {run.seed}; weights stored in "
                       f"{str(dtype).replace('torch.', '')})")
-    name = stage if stage in ("teacher", "ode_init") else f"{stage}_s{run.seed}"  # seeds side by side
+    # students of several training seeds side by side: <name>_s<seed>.pt
+    name = stage if stage in ("teacher", "ode_init") else f"{stage}_s{run.seed}"
     save_atomic(small, Path(dest) / f"{name}.pt")
     print(f"shipped {Path(dest) / f'{name}.pt'}")
     if stage == "teacher" and run.ckpt("teacher").with_suffix(".gif").exists():
