@@ -549,6 +549,12 @@ def resolve_students(args, cfg: hiar.Config, tc: TrainConfig) -> list[tuple]:
     return out
 
 
+def init_diff(ck: dict, run: Run) -> list[str]:
+    """How an ODE-pairs / ODE-init checkpoint differs from what this run would make."""
+    return (config_diff(ck["config"], run.cfg.to_dict())
+            + config_diff(ck.get("train", {}), asdict(run.tc), ODE_FIELDS))
+
+
 def share_init(run: Run, src: Path):
     """--init-from: take the finished ODE pairs and ODE init of another run directory (same data,
     network, sampler and ODE settings), so students of several seeds or DMD recipes start from one
@@ -558,8 +564,7 @@ def share_init(run: Run, src: Path):
         if not s_path.is_file():
             raise CLIError(f"--init-from {src}: no {stage}.pt there")
         ck = load_checkpoint(s_path)
-        diff = (config_diff(ck["config"], run.cfg.to_dict())
-                + config_diff(ck.get("train", {}), asdict(run.tc), ODE_FIELDS))
+        diff = init_diff(ck, run)
         if not ck.get("done") or diff:
             why = "is not finished" if not ck.get("done") else f"differs ({'; '.join(diff)})"
             raise CLIError(f"--init-from {src}: its {stage}.pt {why}")
@@ -582,9 +587,7 @@ def adopt_shipped_init(run: Run) -> bool:
     if not path.is_file() or run.ckpt("ode_init").exists():
         return False
     ck = load_checkpoint(path)
-    diff = (config_diff(ck["config"], run.cfg.to_dict())
-            + config_diff(ck.get("train", {}), asdict(run.tc), ODE_FIELDS))
-    if diff or ck.get("seed") != run.seed:
+    if init_diff(ck, run) or ck.get("seed") != run.seed:
         return False
     save_atomic({**ck, "model": {k: v.float() for k, v in ck["model"].items()}, "done": True,
                  "shipped": str(path)}, run.ckpt("ode_init"))

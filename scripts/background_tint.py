@@ -19,11 +19,10 @@ sys.path.insert(0, str(ROOT))
 
 import hiar  # noqa: E402
 import sample  # noqa: E402
+from evidence import HIAR, SF, rollout_stream  # noqa: E402
 
-ROWS = [("data", [None], None),
-        ("Self-Forcing-style, block-major", [f"self_forcing_s{i}" for i in range(3)], "block"),
-        ("HiAR, step-major", [f"hiar_s{i}" for i in range(3)], "step"),
-        ("ODE init, block-major", ["ode_init"], "block")]
+ROWS = [("data", ["data"], None), ("Self-Forcing-style, block-major", SF, "block"),
+        ("HiAR, step-major", HIAR, "step"), ("ODE init, block-major", ["ode_init"], "block")]
 
 
 def tint_distance(stream, block: int, bins: int, frames: int) -> torch.Tensor:
@@ -46,20 +45,16 @@ def main():
     print(f"background RGB distance from the clip's first block, mean of {num} videos "
           f"(sampling seed 0), {frames} frames in {bins} bins; ± std over training seeds")
     for name, ckpts, order in ROWS:
-        curves = []
-        for ck in ckpts:
-            if ck is None:
-                stream = sample.data_stream(cfg, num, 0, frames, label)
-            else:
-                model = sample.load_student(ck, "cpu")[0]
-                noise = hiar.Noise(model.cfg, list(range(num)))
-                stream = sample.block_stream(model, order, noise, frames, label, "next")
-            with torch.no_grad():
-                curves.append(tint_distance(stream, cfg.block, bins, frames))
+        models = {ck: sample.load_student(ck, "cpu")[0] for ck in ckpts if ck != "data"}
+        with torch.no_grad():
+            curves = [tint_distance(rollout_stream(models, ck, order, "next", 0.0, 0, num, frames,
+                                                   cfg), cfg.block, bins, frames)
+                      for ck in ckpts]
         c = torch.stack(curves)                            # (training seeds, bins)
         spread = (" ± " + " ".join(f"{v:.2f}" for v in c.std(0).tolist())) if len(c) > 1 else ""
         print(f"{name} ({len(c)} checkpoint{'s' * (len(c) > 1)}):\n  "
               + " ".join(f"{v:.2f}" for v in c.mean(0).tolist()) + spread)
+
 
 if __name__ == "__main__":
     main()

@@ -52,7 +52,6 @@ GIF_ROWS = ("Self-Forcing-style, block-major", "HiAR, step-major", "ODE init, bl
             "ODE init, step-major")
 CURVE_ROWS = ("Self-Forcing-style, block-major", "HiAR, step-major",
               "HiAR without FKL, step-major", "ODE init, block-major")
-SUMMARY = ("value", "saturation", "size", "hue_err", "speed")     # + the drift score
 CURVE_POINTS = 20
 
 
@@ -136,6 +135,13 @@ def curve_means(sums_list) -> dict:
     return out
 
 
+def load_evidence(path: Path) -> dict:
+    """docs/evidence.json with its lengths as ints again (JSON keys are strings)."""
+    ev = json.loads(path.read_text())
+    ev["rows"] = {k: {int(L): r for L, r in v.items()} for k, v in ev["rows"].items()}
+    return ev
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds")
@@ -156,8 +162,7 @@ def main(argv=None):
     out, ckdir = Path(args.out), Path(args.ckpt_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.table_only:
-        ev = json.loads((out / "evidence.json").read_text())
-        ev["rows"] = {k: {int(L): r for L, r in v.items()} for k, v in ev["rows"].items()}
+        ev = load_evidence(out / "evidence.json")
         full, summary = tables(ev, argparse.Namespace(**ev["args"]))
         (out / "evidence.md").write_text(full)
         (out / "evidence_summary.md").write_text(summary)
@@ -180,11 +185,9 @@ def main(argv=None):
         return side_by_side_gif(models, cfg, frames, out / "drift_40x.gif")
     same = {k: v for k, v in vars(args).items()
             if k not in ("rows", "table_only", "threads", "gif")}
-    old = json.loads((out / "evidence.json").read_text()) if (out / "evidence.json").exists() \
-        else None
+    old = load_evidence(out / "evidence.json") if (out / "evidence.json").exists() else None
     if args.rows is not None and old and {k: old["args"].get(k) for k in same} == same:
         ev = old                                    # --rows: recompute these rows, keep the rest
-        ev["rows"] = {k: {int(L): r for L, r in v.items()} for k, v in ev["rows"].items()}
         ev["args"] = vars(args)
     else:
         data_res, data_curves = run_row({}, ["data"], None, None, 0.0, args.seeds, args.num,
