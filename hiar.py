@@ -461,13 +461,14 @@ class VideoDiT(nn.Module):
         the conditional and unconditional passes batched into one."""
         B, T = x.shape[:2]
         s = frame_sigma(sigma, B, T, x.device)
-        if guidance == 1.0 or label is None:
+        w = torch.as_tensor(guidance, dtype=torch.float32, device=x.device)   # () or (B,)
+        if label is None or bool((w == 1).all()):
             v = self(x, s, label, **kw)
         else:
             lab = check_label(self.cfg, label, B)
             v_cond, v_unc = self(torch.cat([x, x]), torch.cat([s, s]),
                                  torch.cat([lab, torch.full_like(lab, -1)]), **kw).chunk(2)
-            v = v_unc + guidance * (v_cond - v_unc)
+            v = v_unc + w.reshape(-1, 1, 1, 1, 1) * (v_cond - v_unc)
         return x0_from_v(x, v, s[..., None, None, None])
 
 # ================================================================================================
@@ -892,12 +893,13 @@ def dmd_sigma(B: int, shift: float, generator=None, device=None, t_min: float = 
 
 
 def dmd_loss(x0, teacher: VideoDiT, critic: VideoDiT, shift: float, label=None,
-             guidance: float = 1.0, generator=None):
+             guidance: float = 1.0, generator=None, guidance_max_sigma: float = 1.0):
     """Distribution matching distillation: the paper's reverse-KL term (after DMD2 and
     Self-Forcing). Diffuse the student's video to a random level σ (`dmd_sigma`),
         x_σ = (1 − σ)·x0 + σ·ε,
     read the clean-video predictions of the real score (frozen teacher, classifier-free guidance
-    `guidance` on `label`; official 3.0) and the fake score (critic, conditional), and step x0
+    `guidance` on `label` where σ <= `guidance_max_sigma`, none above: guidance in a limited
+    interval, Kynkäänniemi et al. 2024) and the fake score (critic, conditional), and step x0
     along their difference, normalised per video:
         grad = (x0_fake − x0_real) / mean|x0 − x0_real|,
         L = ½ · ‖x0 − sg(x0 − grad)‖².
@@ -909,7 +911,8 @@ def dmd_loss(x0, teacher: VideoDiT, critic: VideoDiT, shift: float, label=None,
         sigma = dmd_sigma(B, shift, generator, x0.device)                    # (B,)
         eps = torch.randn(x0.shape, generator=generator).to(x0.device)
         x_t = add_noise(x0, eps, sigma[:, None, None, None, None])
-        x0_real = teacher.x0(x_t, sigma, label, guidance, causal=False)
+        w = torch.where(sigma <= guidance_max_sigma, guidance, 1.0)         # (B,)
+        x0_real = teacher.x0(x_t, sigma, label, w, causal=False)
         x0_fake = critic.x0(x_t, sigma, label, causal=False)
         norm = (x0 - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
         grad = torch.nan_to_num((x0_fake - x0_real) / norm)

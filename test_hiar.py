@@ -983,9 +983,9 @@ def test_critic_trains_on_the_dmd_query_levels_with_cfg(cfg, smoke_run, monkeypa
         flow_sigmas.append(sigma.clone())
         return real_flow(model, x0, sigma, eps, label, causal)
 
-    def spy_dmd(x0, t, c, shift, label=None, guidance=1.0, generator=None):
-        dmd_guidance.append((guidance, shift, label is not None))
-        return real_dmd(x0, t, c, shift, label, guidance, generator)
+    def spy_dmd(x0, t, c, shift, label=None, guidance=1.0, generator=None, max_sigma=1.0):
+        dmd_guidance.append((guidance, shift, label is not None, max_sigma))
+        return real_dmd(x0, t, c, shift, label, guidance, generator, max_sigma)
     dmd_levels = []
     real_sigma = hiar.dmd_sigma
     monkeypatch.setattr(hiar, "dmd_sigma", lambda *a, **k: dmd_levels.append(1) or
@@ -1002,7 +1002,8 @@ def test_critic_trains_on_the_dmd_query_levels_with_cfg(cfg, smoke_run, monkeypa
     tc = smoke_run.tc
     assert len(flow_sigmas) == tc.dmd_steps * tc.critic_ratio
     assert len(dmd_levels) == len(flow_sigmas) + tc.dmd_steps   # critic + DMD levels: one source
-    assert all(g == (tc.guidance, tc.dmd_shift, True) for g in dmd_guidance)
+    assert all(g == (tc.dmd_guidance, tc.dmd_shift, True, tc.guidance_max_sigma)
+               for g in dmd_guidance)
     # the official optimiser settings: AdamW (0, 0.999) with weight decay, both clipped at
     # grad_clip; the critic's lr is its own (official: 0.15 × the generator's)
     assert [o["lr"] for o in opts] == [tc.gen_lr, tc.critic_lr]

@@ -34,6 +34,9 @@ from sample import (SHIPPED, CLIError, grid_frames, load_checkpoint, model_from_
 # ------------------------------------------------------------------------------------------------
 
 
+ZERO_OK = ("rollout_frames", "snapshot_every")    # integer fields where 0 means 'off'
+
+
 @dataclass
 class TrainConfig:
     # teacher: bidirectional flow matching, conditional with label dropout (for CFG)
@@ -43,7 +46,7 @@ class TrainConfig:
     teacher_shift: float = 3.0   # the shifted half of the teacher's σ draws (sample_train_sigma)
     label_dropout: float = 0.1   # CFG training: a tenth of the clips see 'no label'
     amp: bool = True             # bfloat16 autocast for the teacher (1.6× on this CPU)
-    # the real score: the teacher with classifier-free guidance (official config: 3.0)
+    # classifier-free guidance of the teacher's ODE trajectories (ODE pairs, forward-KL targets)
     guidance: float = 3.0
     # ODE pairs and ODE init (CausVid / Self-Forcing initialisation)
     ode_pairs: int = 512
@@ -64,6 +67,9 @@ class TrainConfig:
     grad_clip: float = 10.0      # gradient-norm clip (official: 10)
     fkl_weight: float = 0.1      # λ of Eq. 11 (paper: 0.1); 0 turns the forward-KL term off
     fkl_mode: str = "bidirectional"  # student attention in the FKL term: bidirectional | causal
+    dmd_guidance: float = 3.0    # the real score's CFG w in DMD (official 3.0 = s; w = s + 1)
+    guidance_max_sigma: float = 1.0  # real-score CFG only at σ <= this (1: at every level)
+    snapshot_every: int = 0      # keep the EMA weights every N generator steps (0: off)
     ema: float = 0.99
     ema_start: int = 100
     ckpt_every: int = 100        # training steps between checkpoints (DMD: a fifth of it)
@@ -79,8 +85,8 @@ class TrainConfig:
                 need(isinstance(v, bool), f.name, "must be true or false")
             elif f.type == "int":
                 need(isinstance(v, int) and not isinstance(v, bool)
-                     and v >= (0 if f.name == "rollout_frames" else 1), f.name,
-                     "must be an integer >= " + ("0" if f.name == "rollout_frames" else "1"))
+                     and v >= (0 if f.name in ZERO_OK else 1), f.name,
+                     "must be an integer >= " + ("0" if f.name in ZERO_OK else "1"))
             elif f.type == "float":
                 need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
                      and math.isfinite(v), f.name, "must be a number >= 0")
@@ -437,6 +443,7 @@ def train_dmd(run: Run, stage: str, teacher, init: hiar.VideoDiT, pairs: dict, o
     the flow loss on the DMD query levels, `critic_ratio` updates per generator update. FKL adds
     λ·L_FKL on the first step."""
     cfg, tc, dev = run.cfg, run.tc, run.device
+    extra = {"order": order, "fkl_weight": fkl_weight, "context_t": context_t}
     gen = copy.deepcopy(init).requires_grad_(True)
     critic = copy.deepcopy(teacher).requires_grad_(True)
     teacher.requires_grad_(False)
@@ -468,7 +475,8 @@ def train_dmd(run: Run, stage: str, teacher, init: hiar.VideoDiT, pairs: dict, o
         label = labels()
         exit_step = int(torch.randint(cfg.K, (1,), generator=g))   # shared by all blocks
         x0 = rollout(gen, run, order, context_t, g, label, exit_step)
-        loss = d_loss = hiar.dmd_loss(x0, teacher, critic, tc.dmd_shift, label, tc.guidance, g)
+        loss = d_loss = hiar.dmd_loss(x0, teacher, critic, tc.dmd_shift, label, tc.dmd_guidance,
+                                      g, tc.guidance_max_sigma)
         logs = {"dmd": d_loss.item(), "critic": c_loss.item()}
         if fkl_weight > 0:
             idx = torch.randint(len(fkl_target), (tc.dmd_batch,), generator=g)
@@ -482,12 +490,16 @@ def train_dmd(run: Run, stage: str, teacher, init: hiar.VideoDiT, pairs: dict, o
         torch.nn.utils.clip_grad_norm_(gen.parameters(), tc.grad_clip)
         opt_g.step()
         ema.update(gen, 0.0 if step < tc.ema_start else None)    # EMA follows from ema_start
+        if tc.snapshot_every and (step + 1) % tc.snapshot_every == 0:   # quality vs length
+            save_atomic({**run.stamp(stage, extra), "step": step + 1,
+                         "model": {k: v.half() for k, v in ema.state_dict().items()}},
+                        run.path / f"{stage}_ema{step + 1}.pt")
         return logs
 
     return train_loop(run, stage, tc.dmd_steps,
                       {"model": gen, "ema": ema, "critic": critic, "opt_g": opt_g, "opt_c": opt_c,
                        "data_rng": GenState(g)}, step_fn, every=max(1, tc.ckpt_every // 5),
-                      extra={"order": order, "fkl_weight": fkl_weight, "context_t": context_t})
+                      extra=extra)
 
 
 # ------------------------------------------------------------------------------------------------
