@@ -1201,6 +1201,51 @@ def test_background_tint_distance_sees_a_tint_change_at_a_constant_level():
     assert d[0] == pytest.approx(0.0, abs=1e-6) and d[1] == pytest.approx(0.2 * 2 ** 0.5, rel=1e-4)
 
 
+def _grounds_video(first, last, frames=12, size=16, blob=True):
+    """Clips (B, frames, 3, size, size) whose ground is `first` (B, 3) in the first half and
+    `last` in the second (in [0, 1] units), with one small bright blob moving across."""
+    B = first.shape[0]
+    g = torch.cat([first[:, None].expand(B, frames // 2, 3), last[:, None].expand(B, frames // 2, 3)],
+                  1)                                                   # (B, T, 3)
+    video = g[..., None, None].expand(B, frames, 3, size, size).clone()
+    if blob:
+        for t in range(frames):                     # a white peak on a grey 3×3 patch
+            x = 2 + t % 10
+            video[:, t, :, 5:8, x:x + 3] = 0.7
+            video[:, t, :, 6, x + 1] = 1.0
+    return video * 2 - 1
+
+
+def test_quality_measure_known_answers():
+    """scripts/quality.py (issue 17's measure): a constant ground has no background change; a
+    ground that moves by d changes by |d|; clips forced to one ground per label have spread 0;
+    grounds outside the data's range are counted out; a collapsed student misses 'spread'."""
+    sys.path.insert(0, str(HERE / "scripts"))
+    import quality
+    cfg = hiar.Config.preset("toy")
+    label = torch.arange(8) % 4
+    grounds = torch.rand(8, 3, generator=torch.Generator().manual_seed(0)) * 0.3
+    m = quality.measure(_grounds_video(grounds, grounds), label, cfg)
+    assert m["bg_change"] == pytest.approx(0.0, abs=1e-6) and m["in_range"] == 1.0
+    assert m["blobs"] == pytest.approx(1.0) and m["value"] == pytest.approx(1.0)
+    d = torch.tensor([0.03, -0.04, 0.0])                              # |d| = 0.05
+    moved = quality.measure(_grounds_video(grounds, grounds + d), label, cfg)
+    assert moved["bg_change"] == pytest.approx(0.05, abs=1e-5)
+    # the spread: RMS distance of a label's last grounds from their mean
+    a, b = torch.tensor([0.1, 0.1, 0.1]), torch.tensor([0.1, 0.2, 0.1])
+    two = torch.stack([a, a, a, a, b, b, b, b])                        # labels 0-3, then again
+    m = quality.measure(_grounds_video(two, two), label, cfg)
+    assert m["spread_min"] == pytest.approx(0.05, abs=1e-5)           # each label: a and b
+    one = a.expand(8, 3)                                               # one ground for all
+    collapsed = quality.measure(_grounds_video(grounds, one + 0.3), label, cfg)
+    assert collapsed["spread_min"] == pytest.approx(0.0, abs=1e-6)
+    assert collapsed["in_range"] == 0.0                                # 0.4 > 0.3 + TOL
+    data = quality.measure(_grounds_video(grounds, grounds), label, cfg)
+    assert quality.verdict(data, data, data, data) == []
+    assert quality.verdict(data, collapsed, data, data) == ["spread", "in_range"]
+    assert quality.verdict(moved, data, data, data) == ["bg_change"]
+
+
 def test_ci_runs_exactly_the_readme_test_command():
     readme = (HERE / "README.md").read_text()
     ci = (HERE / ".ci" / "run").read_text()
