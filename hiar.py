@@ -9,15 +9,15 @@ block on its predecessors at the *same* noise level (the step's output level t_{
 carries enough for continuity without propagating confident errors (paper Alg. 1, Eq. 9).
 
 Map of this file, in reading order (section banners mirror it):
-  1. Config            data, model and sampler fields; named presets; validation
+  1. Config            data, model and sampler fields; named presets
   2. Toy data          moving Gaussian blobs whose appearance is drawn per clip; a label
   3. Schedule          flow matching, σ-shift, the student's K-step σ list
   4. Model             a small video transformer: adaLN per frame, a label like a prompt,
                        block-causal or full attention, temporal RoPE, KV cache, rolling window
-  5. Sampler pieces    per-video noise ε[j, n], the context (KV cache or slow reference)
+  5. Noise             ε[j, n] per video, block and step, drawn on demand
   6. Block-major       the CausVid / Self-Forcing sampler
-  7. Step-major        the HiAR sampler (paper Alg. 1, context level of Eq. 9 / Table 2)
-  8. Pipelined         the step-major wavefront on S threads or S processes
+  7. Step-major        the HiAR sampler (Alg. 1, Eq. 9), streamed, and the fused pass
+  8. Pipelined         the step-major wavefront on S threads
   9. Losses            flow matching, teacher ODE with CFG, DMD (reverse KL), forward KL
 
 Time convention, used everywhere: σ ∈ [0, 1], x_σ = (1 − σ)·x0 + σ·ε;
@@ -42,23 +42,24 @@ import torch.nn.functional as F
 
 CONTEXT_LEVELS = ("current", "next", "clean")  # paper Table 2: t_c = t_j, t_{j+1}, 0
 SAMPLER_FIELDS = ("K", "shift", "window", "context_t")  # may differ between teacher and student
+RANGES = ("blob_sigma", "speed", "saturation", "value", "background")
 
 
 @dataclass
 class Config:
-    """What defines the data, the network and the sampler. (The training budget lives in
-    train_toy.TrainConfig; a checkpoint stores both.)"""
+    """The data, the network and the sampler (the training budget: train_toy.TrainConfig).
+    What a user types is checked where they type it (sample.make_config)."""
     # toy data: `shapes` Gaussian blobs on a tinted background, bouncing in a size×size box;
-    # every appearance attribute is drawn per clip from a continuous range (see moving_shapes)
+    # every appearance attribute is drawn per clip from a (low, high) range (see moving_shapes)
     size: int = 16            # frame height = width, pixels
     frames: int = 12          # training length T (frames); the student's attention window default
     block: int = 3            # frames per AR block (paper: 3 latent frames)
     shapes: int = 2           # blobs per video
-    blob_sigma: tuple = (1.2, 2.0)   # blob radius range (Gaussian std, pixels)
-    speed: tuple = (0.4, 0.9)        # speed range (pixels per frame)
-    saturation: tuple = (0.5, 1.0)   # blob HSV saturation range
-    value: tuple = (0.6, 1.0)        # blob HSV value (brightness) range
-    background: tuple = (0.0, 0.3)   # background level range, drawn per RGB channel (a tint)
+    blob_sigma: tuple = (1.2, 2.0)   # blob radius (Gaussian std, pixels)
+    speed: tuple = (0.4, 0.9)        # pixels per frame
+    saturation: tuple = (0.5, 1.0)   # blob HSV saturation
+    value: tuple = (0.6, 1.0)        # blob HSV value (brightness)
+    background: tuple = (0.0, 0.3)   # background level, drawn per RGB channel (a tint)
     labels: int = 4           # colour families, the clip's condition (0: unconditional toy)
     # model
     patch: int = 4            # patch side; tokens per frame = (size / patch)^2
@@ -67,44 +68,17 @@ class Config:
     heads: int = 4
     # sampler
     K: int = 4                # student denoising steps (paper: 4)
-    shift: float = 1.0        # σ-shift of the student's step list (paper: 5; sized to the toy
-    #                           by scripts/toy_report.py: σ = [1, 0.75, 0.5, 0.25])
+    shift: float = 1.0        # σ-shift of the student's steps (paper: 5; the toy's is measured in
+    #                           docs/toy_report.md: σ = [1, 0.75, 0.5, 0.25])
     window: int = 0           # rolling attention window, frames incl. the current block (0: frames)
     context_t: str = "next"   # context level of the step-major sampler: current | next | clean
 
     def __post_init__(self):
-        def need(ok, name, allowed):
-            if not ok:
-                raise ValueError(f"Config.{name}={getattr(self, name)!r} is invalid: {allowed}")
-        for name in ("size", "frames", "block", "shapes", "patch", "dim", "depth", "heads", "K"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name,
-                 "must be an integer >= 1")
-        need(isinstance(self.labels, int) and self.labels >= 0, "labels",
-             "must be an integer >= 0")
-        need(self.frames % self.block == 0, "frames", f"must be a multiple of block={self.block}")
-        need(self.size % self.patch == 0, "patch", f"must divide size={self.size}")
-        need(self.dim % self.heads == 0 and (self.dim // self.heads) % 2 == 0, "heads",
-             f"must divide dim={self.dim} into an even head size (RoPE rotates pairs)")
-        need(isinstance(self.window, int) and self.window >= 0 and self.window % self.block == 0,
-             "window", f"must be 0 (= frames) or a positive multiple of block={self.block}")
-        need(self.window == 0 or self.window > self.block, "window",
-             f"must leave room for context: > block={self.block}")
-        need(self.context_t in CONTEXT_LEVELS, "context_t", f"must be one of {CONTEXT_LEVELS}")
-        need(isinstance(self.shift, (int, float)) and self.shift > 0, "shift", "must be > 0")
-        ranges = {"blob_sigma": (0, None), "speed": (0, None), "saturation": (0, 1),
-                  "value": (0, 1), "background": (0, 1)}
-        for name, (floor, ceil) in ranges.items():
-            r = getattr(self, name)
-            ok = (isinstance(r, (tuple, list)) and len(r) == 2
-                  and all(isinstance(x, (int, float)) for x in r) and r[0] <= r[1]
-                  and r[0] >= floor and (name not in ("blob_sigma", "speed") or r[0] > 0)
-                  and (ceil is None or r[1] <= ceil))
-            need(ok, name, f"must be a (low, high) pair with {floor} "
-                 f"{'<' if name in ('blob_sigma', 'speed') else '<='} low <= high"
-                 + (f" <= {ceil}" if ceil is not None else ""))
-            setattr(self, name, tuple(float(x) for x in r))
-        need(self.blob_sigma[1] * 2 < self.size, "blob_sigma", f"must be < size/2={self.size / 2}")
+        for name in RANGES:                            # JSON gives lists; keep tuples
+            setattr(self, name, tuple(float(x) for x in getattr(self, name)))
+        assert self.frames % self.block == 0 and self.size % self.patch == 0
+        assert self.window_frames % self.block == 0 and self.window_frames > self.block
+        assert (self.dim // self.heads) % 2 == 0, "RoPE rotates pairs: even head size"
 
     @property
     def window_frames(self) -> int:
@@ -119,10 +93,9 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"unknown Config fields {unknown}; known: {sorted(known)}")
+            raise ValueError(f"unknown Config fields {unknown}")
         return cls(**d)
 
     @classmethod
@@ -148,6 +121,14 @@ PRESETS = {
 # right only by copying its appearance from the context: the toy's stand-in for the identity,
 # style and lighting that a real video model must carry from block to block. The label (like a
 # prompt) fixes the colour family: blob hues lie within ±1/(2·labels) of turn label/labels.
+
+
+def as_labels(label, B: int, labels: int) -> torch.Tensor:
+    """None, an int or a (B,) integer tensor → (B,) long; -1 means 'no label'."""
+    lab = torch.as_tensor(-1 if label is None else label).long()
+    assert lab.dim() == 0 or lab.shape == (B,), f"label: an int or a ({B},) tensor"
+    assert ((lab >= -1) & (lab < labels)).all(), f"label must be in [-1, {labels - 1}]"
+    return lab.expand(B)
 
 
 def hsv_to_rgb(h, s, v):
@@ -179,21 +160,15 @@ def moving_shapes(cfg: Config, batch: int, generator: torch.Generator | None = N
     (B, T, S); colour (B, T, S, 3) and background (B, T, 3) as RGB in [0, 1]; label (B,).
     """
     T = cfg.frames if frames is None else frames
-    if not isinstance(T, int) or T < 1:
-        raise ValueError(f"frames={T!r} is invalid: must be an integer >= 1")
-    if not isinstance(start, int) or start < 0:
-        raise ValueError(f"start={start!r} is invalid: must be an integer >= 0")
+    assert T >= 1 and start >= 0, f"frames={T} must be >= 1 and start={start} >= 0"
     B, S, H, g = batch, cfg.shapes, cfg.size, generator
 
     def uniform(rng, *shape):
         return rng[0] + (rng[1] - rng[0]) * torch.rand(*shape, generator=g)
 
     drawn = torch.randint(max(cfg.labels, 1), (B,), generator=g)         # (B,)
-    label = check_label(cfg, label, B)
-    if not cfg.labels:
-        label = torch.full((B,), -1)
-    elif label is None or (label < 0).any():             # -1: no label asked, draw the family
-        label = drawn if label is None else torch.where(label < 0, drawn, label)
+    label = as_labels(label, B, cfg.labels)              # -1: no label asked, draw the family
+    label = torch.where(label < 0, drawn, label) if cfg.labels else torch.full((B,), -1)
     offset = torch.rand(B, S, generator=g) - 0.5
     hue = (label[:, None] + offset) / cfg.labels % 1 if cfg.labels else offset + 0.5   # (B, S)
     sat, val = uniform(cfg.saturation, B, S), uniform(cfg.value, B, S)
@@ -218,21 +193,6 @@ def moving_shapes(cfg: Config, batch: int, generator: torch.Generator | None = N
                  saturation=per_frame(sat), value=per_frame(val), colour=per_frame(colour),
                  background=per_frame(background), label=label)
     return img.clamp(0, 1) * 2 - 1, state
-
-
-def check_label(cfg: Config, label, B: int):
-    """None, an int or a (B,) integer tensor → None or a (B,) long tensor; -1 means 'no label'
-    (the unconditional score). Names the allowed range otherwise."""
-    if label is None:
-        return None
-    t = torch.as_tensor(label)
-    if t.is_floating_point() or t.dim() > 1 or (t.dim() == 1 and len(t) != B):
-        raise ValueError(f"label={label!r} is invalid: must be an int or a ({B},) integer tensor")
-    t = t.long().expand(B) if t.dim() == 0 else t.long()
-    if ((t < -1) | (t >= cfg.labels)).any():
-        raise ValueError(f"label={label!r} is invalid: must be in [0, {cfg.labels - 1}] "
-                         f"(labels={cfg.labels}) or -1 for none")
-    return t
 
 
 # ================================================================================================
@@ -429,17 +389,14 @@ class VideoDiT(nn.Module):
         are appended to the cache. Returns v_hat (B, T, 3, H, W)."""
         cfg, p = self.cfg, self.cfg.patch
         B, T, C, H, W = x.shape
-        if (C, H, W) != (3, cfg.size, cfg.size):
-            raise ValueError(f"x has frame shape {(C, H, W)}; the model expects "
-                             f"{(3, cfg.size, cfg.size)}")
+        assert (C, H, W) == (3, cfg.size, cfg.size), f"frame shape {(C, H, W)} is not the model's"
         P = cfg.tokens_per_frame
         tok = x.reshape(B, T, C, H // p, p, W // p, p).permute(0, 1, 3, 5, 2, 4, 6)
         tok = tok.reshape(B, T * P, C * p * p)                                   # (B, L, C·p·p)
         h = self.patch_in(tok) + self.pos.repeat(T, 1)                          # (B, L, D)
         s = frame_sigma(sigma, B, T, x.device)                                   # (B, T)
-        lab = check_label(cfg, label, B)
-        lab = torch.full((B,), cfg.labels) if lab is None else torch.where(lab < 0, cfg.labels,
-                                                                             lab)
+        lab = as_labels(label, B, cfg.labels)
+        lab = torch.where(lab < 0, cfg.labels, lab)                  # -1 → the 'no label' row
         # one video at a time: a small matrix product picks its kernel by its row count, and
         # this keeps video i's numbers bitwise independent of the batch it is in
         c = torch.stack([self.t_mlp(e) for e in timestep_embedding(s, cfg.dim)])  # (B, T, D)
@@ -465,22 +422,22 @@ class VideoDiT(nn.Module):
         if label is None or bool((w == 1).all()):
             v = self(x, s, label, **kw)
         else:
-            lab = check_label(self.cfg, label, B)
+            lab = as_labels(label, B, self.cfg.labels)
             v_cond, v_unc = self(torch.cat([x, x]), torch.cat([s, s]),
                                  torch.cat([lab, torch.full_like(lab, -1)]), **kw).chunk(2)
             v = v_unc + w.reshape(-1, 1, 1, 1, 1) * (v_cond - v_unc)
         return x0_from_v(x, v, s[..., None, None, None])
 
+
 # ================================================================================================
-# 5. Sampler pieces: per-video noise, the context
+# 5. Noise: ε[j, n] per video, drawn on demand
 # ================================================================================================
-# Both orders run the same cells. Cell (n, j) denoises block n from σ_j:
-# x0_hat = x − σ_j·v_hat, then re-noises x0_hat to σ_{j+1} with fresh noise (SDE-style
-# few-step sampling, as Self-Forcing). All randomness is ε[j, n] — ε[0, n] is block n's
-# starting noise, ε[j, n] (j >= 1) re-noises it to σ_j — drawn when a cell needs it from a seed
-# of its own per video, block and step (EDM's per-sample seeding). So every order, the pipeline
-# and every batch size see the same draws: video i is the same whatever else is in the batch,
-# and a shorter video is a prefix of a longer one.
+# Both orders run the same cells. Cell (n, j) denoises block n from σ_j: x0_hat = x − σ_j·v_hat,
+# then re-noises x0_hat to σ_{j+1} with fresh noise (SDE-style few-step sampling, as
+# Self-Forcing). All randomness is ε[j, n] — ε[0, n] is block n's starting noise, ε[j, n] (j >= 1)
+# re-noises it to σ_j — from a seed of its own per video, block and step (EDM's per-sample
+# seeding). So every order, the pipeline and every batch size see the same draws: video i is the
+# same whatever else is in the batch, and a shorter video is a prefix of a longer one.
 
 
 def _cell_seed(seed: int, n: int, j: int) -> int:
@@ -495,26 +452,17 @@ def _cell_seed(seed: int, n: int, j: int) -> int:
 
 class Noise:
     """ε[j, n] for a batch of videos, one seed per video: `noise(j, n)` → (B, b, 3, H, W).
-    Nothing is drawn ahead; memory does not grow with the video's length."""
+    Nothing is drawn ahead, so memory does not grow with the video's length."""
 
     def __init__(self, cfg: Config, seeds, device=None, K: int | None = None):
-        self.seeds = [int(s) for s in seeds]
-        if not self.seeds:
-            raise ValueError("seeds is empty: need one seed per video")
-        self.K = K or cfg.K
+        self.seeds, self.K, self.device = [int(s) for s in seeds], K or cfg.K, device
         self.shape = (cfg.block, 3, cfg.size, cfg.size)
-        self.device = device
-
-    @property
-    def batch(self) -> int:
-        return len(self.seeds)
+        self.batch = len(self.seeds)
 
     def __call__(self, j: int, n: int) -> torch.Tensor:
-        if not (0 <= j < self.K and n >= 0):
-            raise IndexError(f"ε[j={j}, n={n}] does not exist: j in [0, {self.K - 1}], n >= 0")
-        draws = [torch.randn(self.shape, generator=torch.Generator().manual_seed(
-            _cell_seed(s, n, j))) for s in self.seeds]
-        return torch.stack(draws).to(self.device)
+        assert 0 <= j < self.K and n >= 0, f"ε[j={j}, n={n}] does not exist (K={self.K})"
+        return torch.stack([torch.randn(self.shape, generator=torch.Generator().manual_seed(
+            _cell_seed(s, n, j))) for s in self.seeds]).to(self.device)
 
     def bank(self, frames: int) -> torch.Tensor:
         """The whole table ε (K, N, B, b, 3, H, W) for `frames` frames (tests, notebooks)."""
@@ -522,275 +470,211 @@ class Noise:
         return torch.stack([torch.stack([self(j, n) for n in range(N)]) for j in range(self.K)])
 
 
-class NoiseBank:
-    """A given table ε (K, N, B, b, 3, H, W) behind the same interface as Noise (tests use it to
-    differentiate through the noise, or to feed chosen draws)."""
-
-    def __init__(self, table: torch.Tensor):
-        if table.dim() != 7:
-            raise ValueError(f"noise table has shape {tuple(table.shape)}; expected "
-                             "(K, N, B, b, 3, H, W)")
-        self.table, self.K, self.batch = table, table.shape[0], table.shape[2]
-        self.shape = tuple(table.shape[3:])
-
-    def __call__(self, j: int, n: int) -> torch.Tensor:
-        return self.table[j, n]
+@torch.no_grad()
+def write(model: VideoDiT, cache: KVCache, x_c, σ_c, n: int, label, window=None):
+    """Make block n, at level σ_c, context for the blocks after it: a detached pass whose keys
+    and values go into the cache (its output is not used)."""
+    b = model.cfg.block
+    model(x_c, σ_c, label, frame0=n * b, cache=cache, write_frames=b, window=window)
 
 
-class Context:
-    """What a block sees of its predecessors. Fast path: a KV cache with a rolling window.
-    Slow reference (`use_cache=False`): keep every written block and re-run the whole
-    sequence (all written blocks + the current one) through the masked model at each query.
-    The two agree because the mask gives each frame exactly the window it had when its keys
-    were cached.
-
-    `fused=True` (the paper's fused pass): a write is held back and done in the same forward pass
-    as the next block's denoising — one pass over both blocks with per-frame levels — so a step
-    costs N passes instead of 2N (a write that no later block reads is never made)."""
-
-    def __init__(self, model: VideoDiT, label=None, use_cache: bool = True,
-                 window: int | None = None, fused: bool = False):
-        self.model, self.label, self.window, self.b = model, label, window, model.cfg.block
-        self.cache = model.new_cache(window) if use_cache else None
-        self.fused, self.pending = fused and use_cache, None     # pending: (x, σ, n) to write
-        self.xs, self.sigmas = [], []                   # reference path: written blocks, levels
-
-    def velocity(self, x, sigma, n: int):
-        """v_hat for block n (B, b, 3, H, W) at level sigma given the context."""
-        B, b, m = x.shape[0], self.b, self.model
-        if self.pending is not None:                    # fused: write block n − 1, denoise n
-            xc, sc, k = self.pending
-            self.pending = None
-            if k != n - 1:
-                raise ValueError(f"fused pass: pending block {k} is not block {n} - 1")
-            xs = torch.cat([xc, x], 1)                                          # (B, 2b, …)
-            s = torch.cat([frame_sigma(sc, B, b, x.device), frame_sigma(sigma, B, b, x.device)], 1)
-            return m(xs, s, self.label, frame0=k * b, cache=self.cache, write_frames=b,
-                     window=self.window)[:, b:]
-        if self.cache is not None:
-            return m(x, sigma, self.label, frame0=n * b, cache=self.cache, window=self.window)
-        xs = torch.cat(self.xs + [x], 1)                                 # (B, (n + 1)·b, ...)
-        s = torch.cat(self.sigmas + [frame_sigma(sigma, B, b, x.device)], 1)
-        return m(xs, s, self.label, frame0=(n + 1) * b - xs.shape[1], window=self.window)[:, -b:]
-
-    @torch.no_grad()
-    def write(self, x, sigma, n: int):
-        """Make block n, at level sigma, context for the blocks after it (a detached pass)."""
-        x = x.detach()
-        if self.fused:
-            self.pending = (x, sigma, n)
-        elif self.cache is not None:
-            self.model(x, sigma, self.label, frame0=n * self.b, cache=self.cache,
-                       write_frames=self.b, window=self.window)
-        else:                                           # the reference keeps every block
-            self.xs.append(x)
-            self.sigmas.append(frame_sigma(sigma, x.shape[0], self.b, x.device))
-
-
-def _check_sampler_args(model, noise, frames, label, context_t, exit_step):
-    cfg = model.cfg
-    if getattr(noise, "shape", None) != (cfg.block, 3, cfg.size, cfg.size):
-        raise ValueError(f"noise draws blocks of shape {getattr(noise, 'shape', None)}; the model "
-                         f"needs {(cfg.block, 3, cfg.size, cfg.size)}: use hiar.Noise(cfg, seeds)")
-    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1 or frames % cfg.block:
-        raise ValueError(f"frames={frames!r} is invalid: must be a positive multiple of "
-                         f"block={cfg.block}")
-    if context_t not in CONTEXT_LEVELS:
-        raise ValueError(f"context_t={context_t!r} is invalid: must be one of {CONTEXT_LEVELS}")
-    K = noise.K
-    if exit_step is not None and not (isinstance(exit_step, int) and 0 <= exit_step < K):
-        raise ValueError(f"exit_step={exit_step!r} is invalid: must be in [0, {K - 1}]")
-    label = check_label(cfg, label, noise.batch)
+def _setup(model: VideoDiT, noise, frames: int, exit_step):
+    """(K, N, J, σ): steps, blocks, the last step run (the exit step j* in training), levels."""
+    K, b = noise.K, model.cfg.block
+    assert noise.shape == (b, 3, model.cfg.size, model.cfg.size), "noise draws blocks of " \
+        f"{noise.shape}, the model {(b, 3, model.cfg.size, model.cfg.size)}"
+    assert frames % b == 0, f"frames={frames}: whole blocks of {b}"
     J = K - 1 if exit_step is None else exit_step
-    return K, frames // cfg.block, J, label, student_sigmas(K, cfg.shift)
-
+    assert 0 <= J < K, f"exit_step={exit_step} must be in [0, {K - 1}]"
+    return K, frames // b, J, student_sigmas(K, model.cfg.shift)
 
 # ================================================================================================
 # 6. Block-major sampler (CausVid / Self-Forcing)
 # ================================================================================================
 
-def block_major(model: VideoDiT, noise, frames: int, label=None, context_t: str = "clean",
-                exit_step=None, use_cache: bool = True, window: int | None = None,
-                x0_bias=0.0):
-    """Block-major order: for n: for j: cell (n, j); then one extra pass writes the finished,
-    clean block into the cache (K + 1 passes a block). Yields each finished block
-    x0_hat (B, b, 3, H, W) as soon as its last step is done. `context_t` is accepted for a common
-    signature: block-major context is always clean (that is the point of comparison).
 
-    noise: Noise (ε[j, n] on demand); label: the clips' condition (None: unconditional).
+def block_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t="clean",
+                exit_step=None, window: int | None = None, x0_bias=0.0):
+    """Block-major order: for n: for j: cell (n, j); then one extra pass writes the finished,
+    clean block into the cache (K + 1 passes a block). Yields each block x0_hat (B, b, 3, H, W)
+    as soon as it is done. (`context_t` keeps the signature of the step-major sampler: here the
+    context is always clean — that is the point of comparison.)
+
     Training (self-rollout distillation): `exit_step` j* stops every block at step j*; only that
-    step's prediction carries gradient (if grad is enabled by the caller). `x0_bias` is added to
-    every x0 prediction: a *stand-in* for a model's systematic error, to watch it compound.
-    """
-    K, N, J, label, sigma = _check_sampler_args(model, noise, frames, label, context_t, exit_step)
-    grad = torch.is_grad_enabled()
-    ctx = Context(model, label, use_cache, window)
+    step's prediction carries gradient (if the caller enables it). `x0_bias` is added to every
+    x0 prediction: a stand-in for a model's systematic error, to watch it compound."""
+    K, N, J, σ = _setup(model, noise, frames, exit_step)
+    b, grad, cache = model.cfg.block, torch.is_grad_enabled(), model.new_cache(window)
     for n in range(N):
         x = noise(0, n)                                               # block n at σ_0 = 1
         for j in range(J + 1):
             with torch.set_grad_enabled(grad and j == J):             # gradient: exit step only
-                x0_hat = x - sigma[j] * ctx.velocity(x, sigma[j], n) + x0_bias   # x − σ_j·v
+                x0_hat = x - σ[j] * model(x, σ[j], label, frame0=n * b, cache=cache,
+                                          window=window) + x0_bias    # x0_hat = x − σ_j·v_hat
             if j < J:
-                x = add_noise(x0_hat, noise(j + 1, n), sigma[j + 1])  # re-noise to σ_{j+1}
-        ctx.write(x0_hat, 0.0, n)                                     # clean context, t_c = 0
+                x = add_noise(x0_hat, noise(j + 1, n), σ[j + 1])      # re-noise to σ_{j+1}
+        write(model, cache, x0_hat, 0.0, n, label, window)            # clean context, t_c = 0
         yield x0_hat
 
 
-def sample_block_major(model: VideoDiT, noise, frames: int, label=None, **kw) -> torch.Tensor:
+def sample_block_major(model: VideoDiT, noise: Noise, frames: int, label=None, **kw):
     """The whole video (B, frames, 3, H, W) from `block_major`."""
     return torch.cat(list(block_major(model, noise, frames, label, **kw)), 1)
-
 
 # ================================================================================================
 # 7. Step-major sampler (HiAR, paper Alg. 1)
 # ================================================================================================
 
-def context_input(context_t: str, x_in, x0_hat, x_next, sigma, j: int):
-    """What block n contributes as context at step j (paper Eq. 9, Table 2): its input at t_j
-    ('current'), its output re-noised to t_{j+1} — the next step's input — ('next', HiAR's
-    choice; clean at the last step), or the clean x0_hat ('clean'). Returns (x_c, σ_c)."""
-    if context_t == "current":
-        return x_in, sigma[j]
-    if context_t == "next":
-        return x_next, sigma[j + 1]
-    return x0_hat, 0.0
 
-
-def sample_step_major(model: VideoDiT, noise, frames: int, label=None, context_t: str = "next",
-                      exit_step=None, use_cache: bool = True, window: int | None = None,
-                      x0_bias=0.0, fused: bool = False) -> torch.Tensor:
-    """Step-major order, literally as paper Alg. 1: for j: reset the cache; for n: cell (n, j),
-    then write block n at the context level t_c (Eq. 9; default t_{j+1}) for the blocks after it.
-    2K passes a block (`fused=True`: the write of block n rides on block n + 1's pass, K).
-    This loop holds all N blocks at once; `step_major` streams the same video bitwise.
-    Same signature, noise and output as `sample_block_major`."""
-    K, N, J, label, sigma = _check_sampler_args(model, noise, frames, label, context_t, exit_step)
-    grad = torch.is_grad_enabled()
+def sample_step_major(model: VideoDiT, noise: Noise, frames: int, label=None,
+                      context_t: str = "next", exit_step=None, window: int | None = None,
+                      x0_bias=0.0) -> torch.Tensor:
+    """Step-major order, as paper Alg. 1: for each step j, a fresh cache; for each block n,
+    cell (n, j), then block n is written at the context level t_c (Eq. 9, Table 2) for the blocks
+    after it. 2K passes a block. Same signature, noise and output as `sample_block_major`.
+    `context_t`: 'next' = t_{j+1}, HiAR's choice (clean after the last step); 'current' = t_j;
+    'clean' = 0. This loop holds all N blocks at once; `step_major` streams the same video."""
+    K, N, J, σ = _setup(model, noise, frames, exit_step)
+    assert context_t in CONTEXT_LEVELS, f"context_t={context_t!r}: one of {CONTEXT_LEVELS}"
+    b, grad = model.cfg.block, torch.is_grad_enabled()
     x = [noise(0, n) for n in range(N)]                               # every block at σ_0 = 1
     out = [None] * N
-    for j in range(J + 1):                                            # Alg. 1, outer loop: steps
-        ctx = Context(model, label, use_cache, window, fused)         # the cache is reset per step
-        for n in range(N):                                            # inner loop: blocks
+    for j in range(J + 1):                                            # Alg. 1: for each step
+        cache = model.new_cache(window)                               #   the context of step j
+        for n in range(N):                                            #   for each block
             with torch.set_grad_enabled(grad and j == J):
-                x0_hat = x[n] - sigma[j] * ctx.velocity(x[n], sigma[j], n) + x0_bias
-            x_next = add_noise(x0_hat, noise(j + 1, n), sigma[j + 1]) if j + 1 < K else x0_hat
-            ctx.write(*context_input(context_t, x[n], x0_hat, x_next, sigma, j), n)   # Eq. 9
+                x0_hat = x[n] - σ[j] * model(x[n], σ[j], label, frame0=n * b, cache=cache,
+                                             window=window) + x0_bias  # x − σ_j·v_hat
+            x_next = add_noise(x0_hat, noise(j + 1, n), σ[j + 1]) if j + 1 < K else x0_hat
+            x_c, σ_c = {"next": (x_next, σ[j + 1]),                   # Eq. 9: context at the
+                        "current": (x[n], σ[j]),                      # step's output level
+                        "clean": (x0_hat, 0.0)}[context_t]            # (Table 2: t_j, 0)
+            write(model, cache, x_c, σ_c, n, label, window)
             out[n], x[n] = x0_hat, x_next
     return torch.cat(out, 1)
 
 
-def step_major(model: VideoDiT, noise, frames: int, label=None, context_t: str = "next",
-               exit_step=None, use_cache: bool = True, window: int | None = None, x0_bias=0.0,
-               fused: bool = False, steps: range | None = None, inputs=None):
+def fused_pass(model: VideoDiT, cache: KVCache, x_c, σ_c, x, σ_j: float, n: int, label,
+               window=None):
+    """The paper's fused pass: write block n − 1 (at σ_c) into the cache and denoise block n
+    (at σ_j) in *one* forward over both blocks with per-frame levels → v_hat of block n. A step
+    then costs N passes instead of 2N. For inference only: inside this pass block n attends to
+    block n − 1's keys *with* their gradient, which the unfused cache does not carry."""
+    B, b = x.shape[0], model.cfg.block
+    xs = torch.cat([x_c, x], 1)                                                 # (B, 2b, …)
+    s = torch.cat([frame_sigma(σ_c, B, b, x.device), frame_sigma(σ_j, B, b, x.device)], 1)
+    return model(xs, s, label, frame0=(n - 1) * b, cache=cache, write_frames=b,
+                 window=window)[:, b:]
+
+
+def step_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t: str = "next",
+               exit_step=None, window: int | None = None, x0_bias=0.0, fused: bool = False,
+               steps: range | None = None, inputs=None):
     """Step-major sampling as a stream: yields each finished block as soon as it is done.
 
-    The step-major idea is *which context a cell sees* (block n − 1 at step j's context level),
-    not the order the cells run in. Cell (n, j) needs only (n − 1, j), through step j's cache, and
-    (n, j − 1), its input; so any order that respects those two gives Alg. 1's video bitwise.
-    This one finishes block n's steps before block n + 1's, with one KV cache per step: it holds
-    K caches (each bounded by the window) and one block, whatever the video's length.
+    Cell (n, j) needs only (n − 1, j), through step j's cache, and (n, j − 1), its input; so any
+    order that respects those two gives Alg. 1's video bitwise. This one finishes block n's
+    steps before block n + 1's, with one KV cache per step: it holds K caches (each bounded by
+    the window) and one block, whatever the video's length. `fused=True` uses `fused_pass`.
 
     `steps` and `inputs` make it one stage of the pipeline: run only `steps` (default all) on
-    blocks taken from `inputs` (default ε[0, n]); it then yields each block at σ_{steps[-1] + 1}
+    blocks taken from `inputs` (default ε[0, n]); it yields each block at σ_{steps[-1] + 1}
     (clean after the last step), or x0_hat at `exit_step`."""
-    K, N, J, label, sigma = _check_sampler_args(model, noise, frames, label, context_t, exit_step)
+    K, N, J, σ = _setup(model, noise, frames, exit_step)
+    assert context_t in CONTEXT_LEVELS, f"context_t={context_t!r}: one of {CONTEXT_LEVELS}"
+    if fused and torch.is_grad_enabled():
+        raise ValueError("fused=True is for inference (its gradients differ from the unfused "
+                         "pass's): run it under torch.no_grad()")
     steps = range(J + 1) if steps is None else steps
-    grad = torch.is_grad_enabled()
-    ctx = {j: Context(model, label, use_cache, window, fused) for j in steps}   # a cache per step
+    b, grad = model.cfg.block, torch.is_grad_enabled()
+    cache = {j: model.new_cache(window) for j in steps}              # one context per step
+    held = {}                                                        # fused: block n − 1's write
     inputs = iter(inputs) if inputs is not None else (noise(0, n) for n in range(N))
     for n in range(N):
-        x = next(inputs)                                              # block n at σ_{steps[0]}
+        x = next(inputs)                                             # block n at σ_{steps[0]}
         for j in steps:
             with torch.set_grad_enabled(grad and j == J):
-                x0_hat = x - sigma[j] * ctx[j].velocity(x, sigma[j], n) + x0_bias
-            x_next = add_noise(x0_hat, noise(j + 1, n), sigma[j + 1]) if j + 1 < K else x0_hat
-            ctx[j].write(*context_input(context_t, x, x0_hat, x_next, sigma, j), n)  # Eq. 9
+                x0_hat = x - σ[j] * (
+                    fused_pass(model, cache[j], *held[j], x, σ[j], n, label, window) if j in held
+                    else model(x, σ[j], label, frame0=n * b, cache=cache[j], window=window)
+                ) + x0_bias
+            x_next = add_noise(x0_hat, noise(j + 1, n), σ[j + 1]) if j + 1 < K else x0_hat
+            x_c, σ_c = {"next": (x_next, σ[j + 1]),                  # Eq. 9
+                        "current": (x, σ[j]), "clean": (x0_hat, 0.0)}[context_t]
+            if fused:
+                held[j] = (x_c.detach(), σ_c)                        # written by the next pass
+            else:
+                write(model, cache[j], x_c, σ_c, n, label, window)
             x = x_next
         yield x0_hat if steps[-1] == J else x
-
 
 # ================================================================================================
 # 8. Pipelined step-major sampler: the wavefront
 # ================================================================================================
-# Cell (n, j) needs only (n − 1, j) (its context, through step j's cache) and (n, j − 1) (its
-# input). So the cells of one anti-diagonal n + j are independent, and the steps can run as a
-# pipeline: stream s owns a contiguous group of steps with one KV cache per step, takes block n
-# from stream s − 1, runs its steps on it, and hands it on. With S streams the N blocks finish in
-# N + S − 1 slots instead of N·S: ideal speed-up N·S / (N + S − 1).
+# Cell (n, j) needs only (n − 1, j) (its context) and (n, j − 1) (its input). So the cells of one
+# anti-diagonal n + j are independent, and the steps can run as a pipeline: stream s owns a
+# contiguous group of steps with one KV cache each, takes block n from stream s − 1, runs its
+# steps on it, and hands it on. With S streams the N blocks finish in N + S − 1 slots instead of
+# N·S: ideal speed-up N·S / (N + S − 1). (Across processes: sample.distributed.)
+
 
 def step_groups(K: int, S: int) -> list[range]:
     """Split steps 0..K−1 into S contiguous groups, as even as possible."""
-    if not isinstance(S, int) or isinstance(S, bool) or not 1 <= S <= K:
-        raise ValueError(f"streams={S!r} is invalid: must be an integer in [1, K={K}]")
+    assert 1 <= S <= K, f"streams={S} must be in [1, K={K}]"
     edges = [round(s * K / S) for s in range(S + 1)]
     return [range(edges[s], edges[s + 1]) for s in range(S)]
 
 
 def pipeline_schedule(N: int, K: int, S: int) -> list[dict]:
-    """Which cells run on which stream in which time slot, if every stage takes one slot:
-    stream s runs block n (its steps) in slot n + s. Returns dicts (slot, stream, block, steps)."""
+    """Stream s runs block n (its group of steps) in time slot n + s, if a stage takes one slot."""
     return [dict(slot=n + s, stream=s, block=n, steps=list(g))
             for s, g in enumerate(step_groups(K, S)) for n in range(N)]
 
 
-class _Failed:
-    """Passed down the pipeline in place of a block when a stage fails."""
-
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
 @torch.no_grad()
-def pipelined(model: VideoDiT, noise, frames: int, label=None, context_t: str = "next",
+def pipelined(model: VideoDiT, noise: Noise, frames: int, label=None, context_t: str = "next",
               streams: int = 2, window: int | None = None, threads_per_stream: int | None = 1,
               fused: bool = False, depth: int = 2):
-    """Step-major sampling as a wavefront on `streams` threads, one stage (a group of steps, one
-    KV cache per step) each, joined by queues of `depth` blocks; yields each block as the last
-    stage finishes it. Same video as `sample_step_major`: every forward pass sees the same inputs
-    and the same cache, so on the CPU the video is bitwise equal when both run with the same
-    number of intra-op threads (`threads_per_stream`; None keeps the caller's). On a GPU each
-    thread issues its kernels on a CUDA stream of its own."""
-    K, N, _, label, _ = _check_sampler_args(model, noise, frames, label, context_t, None)
-    groups = step_groups(K, streams)
+    """Step-major sampling as a wavefront on `streams` threads, one stage (a group of steps)
+    each, joined by queues of `depth` blocks; yields each block as the last stage finishes it.
+    Every forward pass sees the inputs and cache it sees in `sample_step_major`, so on the CPU
+    the video is bitwise the same (with `threads_per_stream` intra-op threads both ways; None
+    keeps the caller's). On a GPU each thread issues its kernels on a CUDA stream of its own."""
+    groups, N = step_groups(noise.K, streams), frames // model.cfg.block
     pipes = [queue.Queue(maxsize=depth) for _ in range(streams + 1)]  # pipes[s]: into stage s
     stop, caller_threads = threading.Event(), torch.get_num_threads()
     cuda = torch.device(noise.device or "cpu").type == "cuda"
 
-    def put(q, item):
+    def put(q, item):                                  # wait for room, unless told to stop
         while not stop.is_set():
-            try:
+            with contextlib.suppress(queue.Full):
                 return q.put(item, timeout=0.05)
-            except queue.Full:
-                pass
 
     def take(q):
         while not stop.is_set():
-            try:
+            with contextlib.suppress(queue.Empty):
                 item = q.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            if isinstance(item, _Failed):
-                raise item.error                       # a stage failed: stop with its error
-            return item
+                if isinstance(item, BaseException):    # a stage upstream failed: raise it here
+                    raise item
+                return item
         raise RuntimeError("pipeline stopped")
 
-    def worker(s):
+    def stage(s):                                      # stream s: its steps on every block
         try:
             if threads_per_stream:
                 torch.set_num_threads(threads_per_stream)
             own = torch.cuda.stream(torch.cuda.Stream(noise.device)) if cuda else None
-            inputs = (noise(0, n) for n in range(N)) if s == 0 else (take(pipes[s])
-                                                                     for _ in range(N))
-            with torch.no_grad(), (own if own is not None else contextlib.nullcontext()):
-                for x in step_major(model, noise, frames, label, context_t, None, True, window,
-                                    0.0, fused, steps=groups[s], inputs=inputs):
+            inputs = (noise(0, n) if s == 0 else take(pipes[s]) for n in range(N))
+            with torch.no_grad(), own or contextlib.nullcontext():
+                for x in step_major(model, noise, frames, label, context_t, None, window,
+                                    fused=fused, steps=groups[s], inputs=inputs):
                     if cuda:
-                        torch.cuda.current_stream().synchronize()   # x is ready downstream
+                        torch.cuda.current_stream().synchronize()    # x is ready downstream
                     put(pipes[s + 1], x)
         except BaseException as e:                     # hand the failure on to the caller
-            put(pipes[s + 1], _Failed(e))
+            put(pipes[s + 1], e)
 
-    pool = [threading.Thread(target=worker, args=(s,), daemon=True) for s in range(streams)]
+    pool = [threading.Thread(target=stage, args=(s,), daemon=True) for s in range(streams)]
     for t in pool:
         t.start()
     try:
@@ -803,34 +687,10 @@ def pipelined(model: VideoDiT, noise, frames: int, label=None, context_t: str = 
         torch.set_num_threads(caller_threads)
 
 
-def sample_pipelined(model: VideoDiT, noise, frames: int, label=None, **kw) -> torch.Tensor:
+def sample_pipelined(model: VideoDiT, noise: Noise, frames: int, label=None, **kw):
     """The whole video (B, frames, 3, H, W) from `pipelined`."""
     return torch.cat(list(pipelined(model, noise, frames, label, **kw)), 1)
 
-
-@torch.no_grad()
-def distributed(model: VideoDiT, noise, frames: int, label=None, context_t: str = "next",
-                window=None, fused: bool = False):
-    """The same wavefront across processes: rank s of S (torch.distributed, started with
-    `torchrun --nproc_per_node=S`) runs stage s and passes each block to rank s + 1 — the path
-    for a model that outgrows one device. Every rank draws the same per-video noise; the last
-    rank yields the finished blocks, the others yield nothing."""
-    import torch.distributed as dist
-    S, s = dist.get_world_size(), dist.get_rank()
-    K, N, _, label, _ = _check_sampler_args(model, noise, frames, label, context_t, None)
-
-    def receive(n):
-        x = torch.empty((noise.batch,) + noise.shape, device=noise.device)
-        dist.recv(x, src=s - 1)
-        return x
-
-    inputs = (noise(0, n) for n in range(N)) if s == 0 else (receive(n) for n in range(N))
-    for x in step_major(model, noise, frames, label, context_t, None, True, window, 0.0, fused,
-                        steps=step_groups(K, S)[s], inputs=inputs):
-        if s + 1 < S:
-            dist.send(x.contiguous(), dst=s + 1)
-        else:
-            yield x
 
 # ================================================================================================
 # 9. Losses

@@ -81,6 +81,47 @@ def model_from_checkpoint(ck: dict, path, key: str = "model") -> hiar.VideoDiT:
     return model
 
 
+def make_config(preset: str, **overrides) -> hiar.Config:
+    """A hiar.Config from a preset and what a user typed (--set), every field checked first: a
+    bad value is a ValueError that names the field, the value and what is allowed."""
+    if preset not in hiar.PRESETS:
+        raise ValueError(f"preset={preset!r} is unknown; choose one of {sorted(hiar.PRESETS)}")
+    d = {**hiar.Config().to_dict(), **hiar.PRESETS[preset], **overrides}
+    unknown = sorted(set(d) - set(hiar.Config().to_dict()))
+    if unknown:
+        raise ValueError(f"unknown Config fields {unknown}")
+
+    def need(ok, name, allowed):
+        if not ok:
+            raise ValueError(f"Config.{name}={d[name]!r} is invalid: {allowed}")
+    for name in ("size", "frames", "block", "shapes", "patch", "dim", "depth", "heads", "K"):
+        v = d[name]
+        need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name,
+             "must be an integer >= 1")
+    need(isinstance(d["labels"], int) and d["labels"] >= 0, "labels", "must be an integer >= 0")
+    need(d["frames"] % d["block"] == 0, "frames", f"must be a multiple of block={d['block']}")
+    need(d["size"] % d["patch"] == 0, "patch", f"must divide size={d['size']}")
+    need(d["dim"] % d["heads"] == 0 and (d["dim"] // d["heads"]) % 2 == 0, "heads",
+         f"must divide dim={d['dim']} into an even head size (RoPE rotates pairs)")
+    w = d["window"]
+    need(isinstance(w, int) and w >= 0 and w % d["block"] == 0, "window",
+         f"must be 0 (= frames) or a positive multiple of block={d['block']}")
+    need(w == 0 or w > d["block"], "window", f"must leave room for context: > block={d['block']}")
+    need(d["context_t"] in hiar.CONTEXT_LEVELS, "context_t",
+         f"must be one of {hiar.CONTEXT_LEVELS}")
+    need(isinstance(d["shift"], (int, float)) and d["shift"] > 0, "shift", "must be > 0")
+    ceilings = {"blob_sigma": None, "speed": None, "saturation": 1, "value": 1, "background": 1}
+    for name, ceil in ceilings.items():
+        r, strict = d[name], name in ("blob_sigma", "speed")
+        ok = (isinstance(r, (tuple, list)) and len(r) == 2
+              and all(isinstance(x, (int, float)) for x in r) and 0 <= r[0] <= r[1]
+              and (not strict or r[0] > 0) and (ceil is None or r[1] <= ceil))
+        need(ok, name, f"must be a (low, high) pair with 0 {'<' if strict else '<='} low <= high"
+             + (f" <= {ceil}" if ceil is not None else ""))
+    need(d["blob_sigma"][1] * 2 < d["size"], "blob_sigma", f"must be < size/2={d['size'] / 2}")
+    return hiar.Config(**d)
+
+
 def resolve_ckpt(name: str) -> Path:
     """A path, or the name of a shipped checkpoint (see checkpoints/)."""
     p = Path(name)
@@ -415,10 +456,35 @@ def block_stream(model, sampler: str, noise, frames: int, label, context_t: str,
     try:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
-            return hiar.distributed(model, noise, frames, label, context_t)
+            return distributed(model, noise, frames, label, context_t)
     except ImportError:
         pass
     return hiar.pipelined(model, noise, frames, label, context_t, streams=streams)
+
+
+@torch.no_grad()
+def distributed(model, noise, frames: int, label=None, context_t: str = "next", window=None,
+                fused: bool = False):
+    """hiar.pipelined's wavefront across processes: rank s of S (torch.distributed, started with
+    `torchrun --nproc_per_node=S`) runs stage s (`hiar.step_major` on its group of steps) and
+    passes each block to rank s + 1 — the path for a model that outgrows one device. Every rank
+    draws the same per-video noise; the last rank yields the finished blocks, the others none."""
+    import torch.distributed as dist
+    S, s = dist.get_world_size(), dist.get_rank()
+    N = frames // model.cfg.block
+
+    def receive():
+        x = torch.empty((noise.batch,) + noise.shape, device=noise.device)
+        dist.recv(x, src=s - 1)
+        return x
+
+    inputs = (noise(0, n) if s == 0 else receive() for n in range(N))
+    for x in hiar.step_major(model, noise, frames, label, context_t, None, window, fused=fused,
+                             steps=hiar.step_groups(noise.K, S)[s], inputs=inputs):
+        if s + 1 < S:
+            dist.send(x.contiguous(), dst=s + 1)
+        else:
+            yield x
 
 
 def data_stream(cfg: hiar.Config, num: int, seed: int, frames: int, label):

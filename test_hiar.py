@@ -20,6 +20,7 @@ import train_toy
 
 HERE = Path(__file__).resolve().parent
 SAMPLERS = [hiar.sample_block_major, hiar.sample_step_major]
+ORDER = {hiar.sample_block_major: "block", hiar.sample_step_major: "step"}
 
 
 def random_model(cfg, seed=0):
@@ -46,9 +47,60 @@ def noise(cfg, batch=2, seed=1, K=None):
     return hiar.Noise(cfg, [seed * 100 + i for i in range(batch)], K=K)
 
 
-def table(cfg, frames, batch=2, seed=1, K=None):
-    """A noise table (K, N, B, …) drawn from the per-video source, wrapped as a NoiseBank."""
-    return hiar.NoiseBank(noise(cfg, batch, seed, K).bank(frames))
+class NoiseBank:
+    """A given table ε (K, N, B, b, 3, H, W) behind the interface of hiar.Noise: to
+    differentiate through the noise, or to feed chosen draws."""
+
+    def __init__(self, table):
+        self.table, self.K, self.batch = table, table.shape[0], table.shape[2]
+        self.shape, self.device = tuple(table.shape[3:]), None
+
+    def __call__(self, j, n):
+        return self.table[j, n]
+
+
+def reference_sample(model, noise, frames, label=None, order="step", context_t="next",
+                     window=None, exit_step=None, x0_bias=0.0):
+    """The slow oracle of both samplers: no KV cache. Every written context block is kept and
+    re-run, with the current block, through the masked model at each query — the mask gives each
+    frame exactly the window it had when the fast path cached its keys."""
+    b, K = model.cfg.block, noise.K
+    N, J, σ = frames // b, K - 1 if exit_step is None else exit_step, \
+        hiar.student_sigmas(K, model.cfg.shift)
+
+    def velocity(ctx, x, s, n):                        # ctx: [(x_c, σ_c)] of blocks < n
+        B = x.shape[0]
+        xs = torch.cat([c for c, _ in ctx] + [x], 1)
+        ss = torch.cat([hiar.frame_sigma(sc, B, b) for _, sc in ctx]
+                       + [hiar.frame_sigma(s, B, b)], 1)
+        return model(xs, ss, label, frame0=(n + 1) * b - xs.shape[1], window=window)[:, -b:]
+
+    out = [None] * N
+    if order == "block":
+        ctx = []
+        for n in range(N):
+            x = noise(0, n)
+            for j in range(J + 1):
+                x0_hat = x - σ[j] * velocity(ctx, x, σ[j], n) + x0_bias
+                if j < J:
+                    x = hiar.add_noise(x0_hat, noise(j + 1, n), σ[j + 1])
+            ctx.append((x0_hat, 0.0))
+            out[n] = x0_hat
+        return torch.cat(out, 1)
+    x = [noise(0, n) for n in range(N)]
+    for j in range(J + 1):
+        ctx = []
+        for n in range(N):
+            x0_hat = x[n] - σ[j] * velocity(ctx, x[n], σ[j], n) + x0_bias
+            x_next = hiar.add_noise(x0_hat, noise(j + 1, n), σ[j + 1]) if j + 1 < K else x0_hat
+            ctx.append({"next": (x_next, σ[j + 1]), "current": (x[n], σ[j]),
+                        "clean": (x0_hat, 0.0)}[context_t])
+            out[n], x[n] = x0_hat, x_next
+    return torch.cat(out, 1)
+
+
+def fused_step_major(model, noise, frames, label=None, **kw):
+    return torch.cat(list(hiar.step_major(model, noise, frames, label, fused=True, **kw)), 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -77,7 +129,7 @@ def table(cfg, frames, batch=2, seed=1, K=None):
 ])
 def test_config_validation_names_field_value_and_rule(field, value, words):
     with pytest.raises(ValueError) as e:
-        hiar.Config.preset("smoke", **{field: value})
+        sample.make_config("smoke", **{field: value})
     msg = str(e.value)
     assert f"Config.{field}={value!r}" in msg and words in msg
 
@@ -117,6 +169,11 @@ def test_config_presets_roundtrip_and_unknowns():
         hiar.Config.preset("huge")
     with pytest.raises(ValueError, match=r"unknown Config fields \['bogus'\]"):
         hiar.Config.from_dict({**cfg.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match=r"unknown Config fields \['bogus'\]"):
+        sample.make_config("toy", bogus=1)
+    with pytest.raises(ValueError, match="preset='huge' is unknown"):
+        sample.make_config("huge")
+    assert sample.make_config("smoke", K=3) == hiar.Config.preset("smoke", K=3)
     assert set(hiar.SAMPLER_FIELDS) <= set(cfg.to_dict())
 
 
@@ -146,7 +203,7 @@ def test_moving_shapes_shapes_ranges_and_determinism(toy_data):
     assert st["hue"].min() >= 0 and st["hue"].max() < 1 and st["label"].shape == (B,)
     v2, _ = hiar.moving_shapes(toy, B, torch.Generator().manual_seed(3), frames=T)
     assert torch.equal(v, v2)
-    with pytest.raises(ValueError, match="frames=0"):
+    with pytest.raises(AssertionError, match="frames=0"):
         hiar.moving_shapes(toy, 1, frames=0)
 
 
@@ -168,7 +225,7 @@ def test_label_fixes_the_colour_family(toy_data):
     assert (torch.minimum(d, 1 - d) <= 0.5 / toy.labels + 1e-6).all()
     _, st1 = hiar.moving_shapes(toy, 8, torch.Generator().manual_seed(0), label=2)
     assert (st1["label"] == 2).all()
-    with pytest.raises(ValueError, match=r"label=7 is invalid: must be in \[0, 3\]"):
+    with pytest.raises(AssertionError, match=r"label must be in \[-1, 3\]"):
         hiar.moving_shapes(toy, 2, label=7)
 
 
@@ -221,7 +278,7 @@ def test_label_changes_the_output_and_none_is_the_null_label(cfg, model):
         a, b = model(x, 0.5, torch.tensor([0, 0])), model(x, 0.5, torch.tensor([1, 1]))
         assert not torch.allclose(a, b)
         assert torch.equal(model(x, 0.5, None), model(x, 0.5, torch.tensor([-1, -1])))
-    with pytest.raises(ValueError, match=r"label=.* is invalid: must be in \[0, 1\]"):
+    with pytest.raises(AssertionError, match=r"label must be in \[-1, 1\]"):
         model(x, 0.5, torch.tensor([0, 2]))
 
 
@@ -296,7 +353,7 @@ def test_cached_generation_is_causal(cfg, model, sampler):
     changed = t.clone()
     changed[:, 2] += 1.0                                                     # perturb block 2
     with torch.no_grad():
-        a, b = sampler(model, hiar.NoiseBank(t), F), sampler(model, hiar.NoiseBank(changed), F)
+        a, b = sampler(model, NoiseBank(t), F), sampler(model, NoiseBank(changed), F)
     cut = 2 * cfg.block
     assert torch.equal(a[:, :cut], b[:, :cut]) and not torch.allclose(a[:, cut:], b[:, cut:])
 
@@ -308,7 +365,7 @@ def test_kv_cache_equals_full_recompute(cfg, model, sampler, frames_x):
     lab = torch.tensor([0, -1])
     with torch.no_grad():
         fast = sampler(model, noise(cfg), F, lab)
-        slow = sampler(model, noise(cfg), F, lab, use_cache=False)
+        slow = reference_sample(model, noise(cfg), F, lab, ORDER[sampler])
     assert fast.shape == (2, F, 3, cfg.size, cfg.size)
     assert torch.allclose(fast, slow, atol=1e-5)
 
@@ -377,7 +434,7 @@ def test_forward_passes_per_block(cfg, model, K):
             list(hiar.step_major(model, noise(cfg, K=K), F))
             assert len(calls) == N * 2 * K               # streaming: the same passes
             calls.clear()
-            hiar.sample_step_major(model, noise(cfg, K=K), F, fused=True)
+            fused_step_major(model, noise(cfg, K=K), F)
             assert len(calls) == K * N                   # fused: N passes a step
             calls.clear()
             hiar.sample_pipelined(model, noise(cfg, K=K), F, streams=min(2, K), fused=True)
@@ -400,21 +457,26 @@ def test_context_levels_differ_and_next_is_default(cfg, model, context_t):
     assert all(torch.equal(out[:, :cfg.block], o[:, :cfg.block]) for o in others)
 
 
-def test_sampler_rejects_bad_arguments(cfg, model):
+def test_sampler_asserts_its_arguments(cfg, model):
+    """The library asserts its invariants (what a user types is checked in sample.py / train_toy
+    .py, with one-line errors; see the CLI tests)."""
     n = noise(cfg)
-    with pytest.raises(ValueError, match="context_t='t_j'"):
-        hiar.sample_step_major(model, n, cfg.frames, context_t="t_j")
-    with pytest.raises(ValueError, match="exit_step=9"):
-        hiar.sample_block_major(model, n, cfg.frames, exit_step=9)
-    with pytest.raises(ValueError, match="frames=5 is invalid"):
-        hiar.sample_step_major(model, n, 5)
-    with pytest.raises(ValueError, match="noise draws blocks of shape"):
-        hiar.sample_step_major(model, hiar.Noise(hiar.Config.preset("toy"), [0]), cfg.frames)
-    with pytest.raises(ValueError, match=r"label=.* must be an int or a \(2,\)"):
-        hiar.sample_block_major(model, n, cfg.frames, torch.tensor([0, 1, 1]))
-    with pytest.raises(ValueError, match="frame shape"):
-        model(torch.zeros(1, 2, 3, cfg.size + 4, cfg.size + 4), 0.5)
-    with pytest.raises(IndexError, match=r"ε\[j=5"):
+    with torch.no_grad():
+        with pytest.raises(AssertionError, match="context_t='t_j'"):
+            hiar.sample_step_major(model, n, cfg.frames, context_t="t_j")
+        with pytest.raises(AssertionError, match="context_t='t_j'"):
+            next(hiar.step_major(model, n, cfg.frames, context_t="t_j"))
+        with pytest.raises(AssertionError, match="exit_step=9"):
+            hiar.sample_block_major(model, n, cfg.frames, exit_step=9)
+        with pytest.raises(AssertionError, match="frames=5"):
+            hiar.sample_step_major(model, n, 5)
+        with pytest.raises(AssertionError, match="noise draws blocks of"):
+            hiar.sample_step_major(model, hiar.Noise(hiar.Config.preset("toy"), [0]), cfg.frames)
+        with pytest.raises(AssertionError, match=r"label: an int or a \(2,\)"):
+            hiar.sample_block_major(model, n, cfg.frames, torch.tensor([0, 1, 1]))
+        with pytest.raises(AssertionError, match="frame shape"):
+            model(torch.zeros(1, 2, 3, cfg.size + 4, cfg.size + 4), 0.5)
+    with pytest.raises(AssertionError, match=r"ε\[j=5"):
         n(5, 0)
 
 
@@ -457,13 +519,11 @@ def test_a_shorter_video_is_a_prefix_of_a_longer_one(cfg, model, name, one_threa
 
 
 @pytest.mark.parametrize("context_t", hiar.CONTEXT_LEVELS)
-@pytest.mark.parametrize("fused", [False, True])
-def test_streaming_step_major_is_the_literal_alg1_loop(cfg, model, context_t, fused):
+def test_streaming_step_major_is_the_literal_alg1_loop(cfg, model, context_t):
     F = 3 * cfg.frames
     with torch.no_grad():
-        literal = hiar.sample_step_major(model, noise(cfg), F, context_t=context_t, fused=fused)
-        stream = torch.cat(list(hiar.step_major(model, noise(cfg), F, context_t=context_t,
-                                                fused=fused)), 1)
+        literal = hiar.sample_step_major(model, noise(cfg), F, context_t=context_t)
+        stream = torch.cat(list(hiar.step_major(model, noise(cfg), F, context_t=context_t)), 1)
     assert torch.equal(literal, stream)
 
 
@@ -513,7 +573,7 @@ def test_pipelined_stops_cleanly_when_the_caller_stops(cfg, model):
     next(gen)
     gen.close()                                       # threads are told to stop and are joined
     assert not [t for t in threading.enumerate() if t.daemon and t.is_alive()
-                and "worker" in str(t.name)]
+                and "stage" in str(t.name)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -526,7 +586,7 @@ def test_exit_step_gradient_flows_only_through_the_exit_prediction(cfg, sampler)
     detached, and only the exit step's prediction of each block carries gradient."""
     model = random_model(cfg).train()
     t = noise(cfg).bank(3 * cfg.block).requires_grad_(True)
-    out = sampler(model, hiar.NoiseBank(t), 3 * cfg.block, exit_step=1)   # (B, 3b, …)
+    out = sampler(model, NoiseBank(t), 3 * cfg.block, exit_step=1)        # (B, 3b, …)
     out[:, cfg.block:2 * cfg.block].sum().backward()         # block 1 only
     g = t.grad.abs().sum(dim=(2, 3, 4, 5, 6))                # (K, N)
     assert g[1, 1] > 0                                        # the exit step's input noise
@@ -610,22 +670,23 @@ def test_pipelined_with_rolling_window_context_levels_and_fused(cfg, model, one_
     with torch.no_grad():
         for ctx in hiar.CONTEXT_LEVELS:
             for fused in (False, True):
+                one = fused_step_major if fused else hiar.sample_step_major
                 assert torch.equal(
-                    hiar.sample_step_major(model, noise(cfg), F, lab, context_t=ctx, fused=fused),
+                    one(model, noise(cfg), F, lab, context_t=ctx),
                     hiar.sample_pipelined(model, noise(cfg), F, lab, context_t=ctx, streams=2,
                                           fused=fused))
 
 
 def test_pipelined_rejects_bad_streams_and_surfaces_errors(cfg, model, monkeypatch):
-    with pytest.raises(ValueError, match="streams=3 is invalid"):
+    with pytest.raises(AssertionError, match="streams=3 must be in"):
         hiar.sample_pipelined(model, noise(cfg), cfg.frames, streams=3)   # smoke K = 2
-    real = hiar.Context.velocity
+    real = model.forward
 
-    def failing(self, x, sigma, n):
-        if n == 1 and sigma < 1:                                  # a cell of the second stage
+    def failing(x, sigma, *a, frame0=0, **kw):
+        if frame0 == cfg.block and float(torch.as_tensor(sigma).max()) < 1:  # stage 1, block 1
             raise RuntimeError("boom in stage 1")
-        return real(self, x, sigma, n)
-    monkeypatch.setattr(hiar.Context, "velocity", failing)
+        return real(x, sigma, *a, frame0=frame0, **kw)
+    monkeypatch.setattr(model, "forward", failing)
     with pytest.raises(RuntimeError, match="boom in stage 1"):    # raised, not hung or lost
         hiar.sample_pipelined(model, noise(cfg), cfg.frames, streams=2)
 
@@ -636,8 +697,30 @@ def test_fused_pass_matches_unfused(cfg, model, context_t, frames_x):
     F = frames_x * cfg.frames
     with torch.no_grad():
         a = hiar.sample_step_major(model, noise(cfg), F, context_t=context_t)
-        b = hiar.sample_step_major(model, noise(cfg), F, context_t=context_t, fused=True)
+        b = fused_step_major(model, noise(cfg), F, context_t=context_t)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_fused_pass_with_gradient_is_refused_because_its_gradients_differ(cfg):
+    """The fused pass gives block n the same output as the unfused cache, but inside it block n
+    attends to block n − 1's keys with their gradient, so parameter gradients differ; the
+    sampler refuses fused=True with gradient on."""
+    model = random_model(cfg).train()
+    g = torch.Generator().manual_seed(0)
+    x_prev, x = (torch.randn(2, cfg.block, 3, cfg.size, cfg.size, generator=g) for _ in "ab")
+    cache = model.new_cache()
+    hiar.write(model, cache, x_prev, 0.5, 0, None)
+    v_unfused = model(x, 1.0, None, frame0=cfg.block, cache=cache)
+    v_fused = hiar.fused_pass(model, model.new_cache(), x_prev, 0.5, x, 1.0, 1, None)
+    assert torch.allclose(v_unfused, v_fused, atol=1e-5)
+    params = list(model.parameters())
+    g_unfused = torch.autograd.grad(v_unfused.square().sum(), params)
+    g_fused = torch.autograd.grad(v_fused.square().sum(), params)
+    assert not all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_unfused, g_fused))
+    with pytest.raises(ValueError, match="fused=True is for inference"):
+        next(hiar.step_major(model, noise(cfg), cfg.frames, exit_step=1, fused=True))
+    with torch.no_grad():                                   # inference: allowed
+        assert next(hiar.step_major(model, noise(cfg), cfg.frames, fused=True)).shape[1] == 2
 
 
 @pytest.mark.parametrize("N,K,S", [(8, 4, 2), (5, 4, 4), (3, 4, 1), (6, 3, 2)])

@@ -26,8 +26,8 @@ import torch
 from tqdm import tqdm
 
 import hiar
-from sample import (SHIPPED, CLIError, grid_frames, load_checkpoint, model_from_checkpoint,
-                    pick_device, save_gif, to_uint8)
+from sample import (SHIPPED, CLIError, grid_frames, load_checkpoint, make_config,
+                    model_from_checkpoint, pick_device, save_gif, to_uint8)
 
 # ------------------------------------------------------------------------------------------------
 # The training budget and recipe (hiar.Config holds the data, the network and the sampler)
@@ -648,7 +648,7 @@ def run_all(args) -> Run:
         raise CLIError(f"--preset {args.preset!r}: choose one of {sorted(hiar.PRESETS)}")
     model_over, train_over = parse_overrides(args.set)
     try:
-        cfg = hiar.Config.preset(args.preset, **model_over)
+        cfg = make_config(args.preset, **model_over)
         tc = TrainConfig(**{**TRAIN_PRESETS[args.preset], **train_over})
     except ValueError as e:
         raise CLIError(f"--set: {e}") from None
