@@ -9,16 +9,16 @@ block on its predecessors at the *same* noise level (the step's output level t_{
 carries enough for continuity without propagating confident errors (paper Alg. 1, Eq. 9).
 
 Map of this file, in reading order (section banners mirror it):
-  1. Config            data, model and sampler fields; named presets
-  2. Toy data          moving Gaussian blobs whose appearance is drawn per clip; a label
-  3. Schedule          flow matching, σ-shift, the student's K-step σ list
-  4. Model             a small video transformer: adaLN per frame, a label like a prompt,
-                       block-causal or full attention, temporal RoPE, KV cache, rolling window
-  5. Noise             ε[j, n] per video, block and step, drawn on demand
-  6. Block-major       the CausVid / Self-Forcing sampler
-  7. Step-major        the HiAR sampler (Alg. 1, Eq. 9), streamed, and the fused pass
-  8. Pipelined         the step-major wavefront on S threads
-  9. Losses            flow matching, teacher ODE with CFG, DMD (reverse KL), forward KL
+  1. Config       data, model and sampler fields; named presets
+  2. Toy data     moving Gaussian blobs whose appearance is drawn per clip; a label
+  3. Schedule     flow matching, σ-shift, the student's K-step σ list
+  4. Model        a video transformer: adaLN per frame, block-causal or full attention,
+                  temporal RoPE, KV cache with a rolling window
+  5. Noise        ε[j, n] per video, block and step, drawn on demand
+  6. Block-major  the CausVid / Self-Forcing sampler
+  7. Step-major   the HiAR sampler (Alg. 1, Eq. 9), streamed, and the fused pass
+  8. Pipelined    the step-major wavefront on S threads
+  9. Losses       flow matching, teacher ODE with CFG, DMD (reverse KL), forward KL
 
 Time convention, used everywhere: σ ∈ [0, 1], x_σ = (1 − σ)·x0 + σ·ε;
 σ = 1 is pure noise, σ = 0 is clean data. The network predicts the velocity
@@ -42,7 +42,6 @@ import torch.nn.functional as F
 
 CONTEXT_LEVELS = ("current", "next", "clean")  # paper Table 2: t_c = t_j, t_{j+1}, 0
 SAMPLER_FIELDS = ("K", "shift", "window", "context_t")  # may differ between teacher and student
-RANGES = ("blob_sigma", "speed", "saturation", "value", "background")
 
 
 @dataclass
@@ -74,8 +73,8 @@ class Config:
     context_t: str = "next"   # context level of the step-major sampler: current | next | clean
 
     def __post_init__(self):
-        for name in RANGES:                            # JSON gives lists; keep tuples
-            setattr(self, name, tuple(float(x) for x in getattr(self, name)))
+        for name in ("blob_sigma", "speed", "saturation", "value", "background"):
+            setattr(self, name, tuple(float(x) for x in getattr(self, name)))  # JSON: lists
         assert self.frames % self.block == 0 and self.size % self.patch == 0
         assert self.window_frames % self.block == 0 and self.window_frames > self.block
         assert (self.dim // self.heads) % 2 == 0, "RoPE rotates pairs: even head size"
@@ -116,11 +115,10 @@ PRESETS = {
 # ================================================================================================
 # 2. Toy data: moving shapes with known physics and per-clip appearance
 # ================================================================================================
-# Everything that persists within a clip — each blob's hue, saturation, brightness and size, and
-# the background's tint — is drawn per clip from a continuous range. So a model can get block n
-# right only by copying its appearance from the context: the toy's stand-in for the identity,
-# style and lighting that a real video model must carry from block to block. The label (like a
-# prompt) fixes the colour family: blob hues lie within ±1/(2·labels) of turn label/labels.
+# Each blob's hue, saturation, brightness and size and the background's tint are drawn per clip,
+# so a model gets block n right only by copying them from the context: the toy's stand-in for
+# the identity and style a video model carries from block to block. The label (a prompt) fixes
+# the colour family: blob hues lie within ±1/(2·labels) of turn label/labels.
 
 
 def as_labels(label, B: int, labels: int) -> torch.Tensor:
@@ -138,27 +136,20 @@ def hsv_to_rgb(h, s, v):
 
 
 def _bounce(p0, v, t, lo, hi):
-    """Position and velocity of a point moving at constant speed between walls lo and hi,
-    reflecting elastically: unfold the path (p0 + v·t), then fold it with a triangle wave."""
+    """Position and velocity at time t of a point bouncing elastically between walls lo and hi:
+    unfold the path (p0 + v·t), then fold it with a triangle wave."""
     L = hi - lo
     u = torch.remainder(p0 - lo + v * t, 2 * L)               # position on the unfolded circuit
-    forward = u < L
-    pos = lo + torch.where(forward, u, 2 * L - u)
-    vel = torch.where(forward, v, -v)
-    return pos, vel
+    return lo + torch.where(u < L, u, 2 * L - u), torch.where(u < L, v, -v)
 
 
 def moving_shapes(cfg: Config, batch: int, generator: torch.Generator | None = None,
                   frames: int | None = None, label=None, start: int = 0):
-    """Draw `batch` videos of Gaussian blobs bouncing off the walls of a tinted box.
-
-    label: None (each clip draws its own), an int, or a (B,) tensor of colour families.
-    start: the first frame's index; the same generator state with start = 0, T, 2T, … gives
-    consecutive pieces of the same clips (for streaming long ground truth).
-    Returns (video, state): video (B, T, 3, H, W) in [-1, 1]; state holds the ground truth of every
-    attribute per frame: pos, vel (B, T, S, 2) as (x, y) in pixels; radius, hue, saturation, value
-    (B, T, S); colour (B, T, S, 3) and background (B, T, 3) as RGB in [0, 1]; label (B,).
-    """
+    """`batch` videos (B, T, 3, H, W) in [-1, 1] of Gaussian blobs bouncing in a tinted box,
+    and their ground truth per frame: pos, vel (B, T, S, 2) as (x, y); radius, hue, saturation,
+    value (B, T, S); colour (B, T, S, 3), background (B, T, 3) in [0, 1]; label (B,).
+    label: None (each clip draws its family), an int or (B,). The same generator state with
+    start = 0, T, 2T, … gives consecutive pieces of the same clips (long ground truth)."""
     T = cfg.frames if frames is None else frames
     assert T >= 1 and start >= 0, f"frames={T} must be >= 1 and start={start} >= 0"
     B, S, H, g = batch, cfg.shapes, cfg.size, generator
@@ -223,11 +214,7 @@ def x0_from_v(x_t, v, sigma):
 def frame_sigma(sigma, B: int, T: int, device=None) -> torch.Tensor:
     """A per-frame σ tensor (B, T) from a float, a (B,) tensor or a (B, T) tensor."""
     s = torch.as_tensor(sigma, dtype=torch.float32, device=device)
-    if s.dim() == 0:
-        s = s.expand(B)
-    if s.dim() == 1:
-        s = s[:, None].expand(B, T)
-    return s
+    return s.expand(B, T) if s.dim() == 0 else s[:, None].expand(B, T) if s.dim() == 1 else s
 
 
 # ================================================================================================
@@ -235,12 +222,9 @@ def frame_sigma(sigma, B: int, T: int, device=None) -> torch.Tensor:
 # ================================================================================================
 
 def attention_mask(q_frames, k_frames, block: int, window: int, causal: bool):
-    """Which key frames each query frame may attend to, (Lq, Lk) bool from absolute frame indices.
-
-    Block-causal (student): a query in block m sees keys in blocks <= m, and (rolling window)
-    only keys at most `window − block` frames before the start of its own block, so a block never
-    sees more than `window` frames in all (its own included). Full (teacher): None = everything.
-    """
+    """Which key frames each query frame may see, (Lq, Lk) bool from absolute frame indices.
+    Block-causal (student): a query in block m sees blocks <= m, and (rolling window) only keys
+    at most `window − block` frames before its block starts. Full (teacher): None = all."""
     if not causal:
         return None
     q_start = (q_frames // block * block)[:, None]
@@ -249,13 +233,9 @@ def attention_mask(q_frames, k_frames, block: int, window: int, causal: bool):
 
 
 def rope(x, frame, base: float = 100.0):
-    """Rotary position embedding over the frame index (temporal RoPE), x (B, h, L, d), frame (L,).
-
-    Attention scores then depend only on frame *differences*. With the rolling window, the student
-    never attends across more than `window` frames, so a video of any length only ever shows it
-    offsets it saw in training; that is what lets it run past the training length. (Spatial
-    position comes from a learned per-patch embedding, which is the same in every frame.)
-    """
+    """Temporal RoPE over the frame index, x (B, h, L, d), frame (L,): scores depend only on
+    frame *differences*, so with the rolling window a video of any length only shows the
+    student offsets it saw in training. (Space: a learned per-patch embedding.)"""
     d = x.shape[-1]
     freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
     ang = frame.to(torch.float32)[:, None] * freq[None]                                # (L, d/2)
@@ -265,35 +245,26 @@ def rope(x, frame, base: float = 100.0):
 
 
 class KVCache:
-    """Keys and values of the context frames for every layer, holding at most `max_frames` frames
-    (the rolling window evicts the oldest). Keys are stored already rotated by their RoPE angle."""
+    """Keys (already RoPE-rotated) and values of the context frames for every layer, at most
+    `max_frames` frames: the rolling window evicts the oldest."""
 
     def __init__(self, depth: int, max_frames: int, tokens_per_frame: int):
-        self.k = [None] * depth            # per layer (B, h, L, d)
-        self.v = [None] * depth
-        self.frame = None                  # (L,) absolute frame index of each cached token
+        self.k, self.v = [None] * depth, [None] * depth    # per layer (B, h, L, d)
+        self.frame = None                                  # (L,) absolute frame of each token
         self.max_tokens = max_frames * tokens_per_frame
-        self.tokens_per_frame = tokens_per_frame
 
     def __len__(self):
         return 0 if self.frame is None else len(self.frame)
 
-    @property
-    def frames(self) -> int:
-        """How many frames the cache holds now (never more than the window allows)."""
-        return len(self) // self.tokens_per_frame
-
     def append(self, layer: int, k, v, frame):
-        """Append one layer's keys/values (B, h, L, d) for frames `frame` (L,); keep the newest."""
-        def newest(old, new, dim=-2):                  # concatenate, keep the last max_tokens
+        """Append one layer's keys/values (B, h, L, d) of frames `frame` (L,); keep the newest."""
+        def newest(old, new, dim=-2):
             t = new if old is None else torch.cat([old, new], dim)
             keep = min(t.shape[dim], self.max_tokens)
             return t.narrow(dim, t.shape[dim] - keep, keep)
         self.k[layer] = newest(self.k[layer], k.detach())   # context never carries gradient
         self.v[layer] = newest(self.v[layer], v.detach())
-        # The frame index is shared by all layers: update it after the last one, so that every
-        # layer of one forward pass sees the cache as it was before that pass.
-        if layer == len(self.k) - 1:
+        if layer == len(self.k) - 1:       # after the last layer: all layers saw the old index
             self.frame = newest(self.frame, frame, 0)
 
 
@@ -318,8 +289,7 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.bias)
 
     def forward(self, x, c, frame, mask, cache: KVCache | None, layer: int, write: int):
-        # x: (B, L, D) tokens, c: (B, L, D) conditioning, frame: (L,) absolute frame per token,
-        # mask: (L, cached + L) which keys each query may see (None: all)
+        # x, c: (B, L, D) tokens and condition; frame (L,); mask (L, cached + L) or None
         B, L, D = x.shape
         (shift_msa, scale_msa, gate_msa,
          shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c).chunk(6, dim=-1)
@@ -329,8 +299,7 @@ class DiTBlock(nn.Module):
         q, k = rope(q, frame), rope(k, frame)
         k_all, v_all = k, v
         if cache is not None and len(cache):                              # context first
-            k_all = torch.cat([cache.k[layer], k], dim=-2)
-            v_all = torch.cat([cache.v[layer], v], dim=-2)
+            k_all, v_all = torch.cat([cache.k[layer], k], -2), torch.cat([cache.v[layer], v], -2)
         if cache is not None and write:                                   # first `write` tokens
             cache.append(layer, k[:, :, :write], v[:, :, :write], frame[:write])
         att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
@@ -348,16 +317,11 @@ def timestep_embedding(sigma, dim: int):
 
 
 class VideoDiT(nn.Module):
-    """Video transformer v_θ(x_σ, σ, label) → v_hat. One module for teacher and student:
-    `causal=True` gives the student's block-causal attention, `causal=False` the teacher's full
-    attention.
-
-    Every frame carries its own σ (adaLN per frame), so one sequence may mix noise levels — the
-    fused pass and the step-major context rely on this. The label (the clip's colour family, a
-    stand-in for a text prompt) is embedded and added to the timestep embedding, as DiT adds its
-    class embedding; label -1 (or None) selects a learned 'no label' embedding, the unconditional
-    score that classifier-free guidance needs.
-    """
+    """Video transformer v_θ(x_σ, σ, label) → v_hat, for teacher (`causal=False`: full
+    attention) and student (`causal=True`: block-causal). Every frame carries its own σ (adaLN
+    per frame), so one sequence may mix levels — the step-major context and the fused pass rely
+    on it. The label (a stand-in for a prompt) is added to the timestep embedding, as DiT's class;
+    label -1 (or None) is a learned 'no label', the unconditional score CFG needs."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -376,13 +340,13 @@ class VideoDiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def new_cache(self, window: int | None = None) -> KVCache:
-        """An empty KV cache holding the `window − block` context frames a block may see."""
-        w = window or self.cfg.window_frames
-        return KVCache(self.cfg.depth, w - self.cfg.block, self.cfg.tokens_per_frame)
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for the `window − block` context frames a block may see."""
+        cfg = self.cfg
+        return KVCache(cfg.depth, cfg.window_frames - cfg.block, cfg.tokens_per_frame)
 
     def forward(self, x, sigma, label=None, frame0: int = 0, causal: bool = True,
-                cache: KVCache | None = None, write_frames: int = 0, window: int | None = None):
+                cache: KVCache | None = None, write_frames: int = 0):
         """x (B, T, 3, H, W) at per-frame levels sigma (B, T) (or a float / (B,)); label None or
         (B,) in [-1, labels); frame0 is the absolute index of x's first frame. With a cache, x
         attends to the cached frames too, and the keys/values of its first `write_frames` frames
@@ -403,7 +367,7 @@ class VideoDiT(nn.Module):
         c = (c + self.label_emb(lab.to(x.device))[:, None]).repeat_interleave(P, 1)  # (B, L, D)
         frame = torch.arange(frame0, frame0 + T, device=x.device).repeat_interleave(P)  # (L,)
         k_frame = torch.cat([cache.frame, frame]) if cache is not None and len(cache) else frame
-        mask = attention_mask(frame, k_frame, cfg.block, window or cfg.window_frames, causal)
+        mask = attention_mask(frame, k_frame, cfg.block, cfg.window_frames, causal)
         for i, blk in enumerate(self.blocks):
             h = blk(h, c, frame, mask, cache, i, write_frames * P)
         shift, scale = self.adaLN_out(c).chunk(2, dim=-1)
@@ -412,10 +376,8 @@ class VideoDiT(nn.Module):
         return out.reshape(B, T, C, H, W)
 
     def x0(self, x, sigma, label=None, guidance: float = 1.0, **kw):
-        """x0_hat = x − σ·v_hat from one forward pass, or — with `guidance` w ≠ 1 and a
-        label — with classifier-free guidance (Ho & Salimans):
-            v = v_∅ + w·(v_label − v_∅),
-        the conditional and unconditional passes batched into one."""
+        """x0_hat = x − σ·v_hat; with `guidance` w ≠ 1 (a float or (B,)) and a label, with
+        classifier-free guidance v = v_∅ + w·(v_label − v_∅), both passes in one batch."""
         B, T = x.shape[:2]
         s = frame_sigma(sigma, B, T, x.device)
         w = torch.as_tensor(guidance, dtype=torch.float32, device=x.device)   # () or (B,)
@@ -433,18 +395,16 @@ class VideoDiT(nn.Module):
 # 5. Noise: ε[j, n] per video, drawn on demand
 # ================================================================================================
 # Both orders run the same cells. Cell (n, j) denoises block n from σ_j: x0_hat = x − σ_j·v_hat,
-# then re-noises x0_hat to σ_{j+1} with fresh noise (SDE-style few-step sampling, as
-# Self-Forcing). All randomness is ε[j, n] — ε[0, n] is block n's starting noise, ε[j, n] (j >= 1)
-# re-noises it to σ_j — from a seed of its own per video, block and step (EDM's per-sample
-# seeding). So every order, the pipeline and every batch size see the same draws: video i is the
-# same whatever else is in the batch, and a shorter video is a prefix of a longer one.
+# then re-noises x0_hat to σ_{j+1} with fresh noise (SDE-style, as Self-Forcing). All randomness
+# is ε[j, n] (ε[0, n]: block n's start) from a seed per video, block and step (EDM's per-sample
+# seeding), so every order, the pipeline and any batch see the same draws: video i does not
+# depend on the batch, and a shorter video is a prefix of a longer one.
 
 
 def _cell_seed(seed: int, n: int, j: int) -> int:
     """A well-mixed 63-bit seed for ε[j, n] of a video with seed `seed` (splitmix64 finaliser)."""
     m = 2 ** 64
-    x = (seed * 0x9E3779B97F4A7C15 + (n + 1) * 0xBF58476D1CE4E5B9
-         + (j + 1) * 0x94D049BB133111EB) % m
+    x = (seed * 0x9E3779B97F4A7C15 + (n + 1) * 0xBF58476D1CE4E5B9 + (j + 1) * 0x94D049BB133111EB) % m
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % m
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % m
     return (x ^ (x >> 31)) % 2 ** 63
@@ -456,26 +416,20 @@ class Noise:
 
     def __init__(self, cfg: Config, seeds, device=None, K: int | None = None):
         self.seeds, self.K, self.device = [int(s) for s in seeds], K or cfg.K, device
-        self.shape = (cfg.block, 3, cfg.size, cfg.size)
-        self.batch = len(self.seeds)
+        self.shape, self.batch = (cfg.block, 3, cfg.size, cfg.size), len(self.seeds)
 
     def __call__(self, j: int, n: int) -> torch.Tensor:
         assert 0 <= j < self.K and n >= 0, f"ε[j={j}, n={n}] does not exist (K={self.K})"
         return torch.stack([torch.randn(self.shape, generator=torch.Generator().manual_seed(
             _cell_seed(s, n, j))) for s in self.seeds]).to(self.device)
 
-    def bank(self, frames: int) -> torch.Tensor:
-        """The whole table ε (K, N, B, b, 3, H, W) for `frames` frames (tests, notebooks)."""
-        N = frames // self.shape[0]
-        return torch.stack([torch.stack([self(j, n) for n in range(N)]) for j in range(self.K)])
-
 
 @torch.no_grad()
-def write(model: VideoDiT, cache: KVCache, x_c, σ_c, n: int, label, window=None):
+def write(model: VideoDiT, cache: KVCache, x_c, σ_c, n: int, label):
     """Make block n, at level σ_c, context for the blocks after it: a detached pass whose keys
     and values go into the cache (its output is not used)."""
     b = model.cfg.block
-    model(x_c, σ_c, label, frame0=n * b, cache=cache, write_frames=b, window=window)
+    model(x_c, σ_c, label, frame0=n * b, cache=cache, write_frames=b)
 
 
 def _setup(model: VideoDiT, noise, frames: int, exit_step):
@@ -494,26 +448,22 @@ def _setup(model: VideoDiT, noise, frames: int, exit_step):
 
 
 def block_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t="clean",
-                exit_step=None, window: int | None = None, x0_bias=0.0):
-    """Block-major order: for n: for j: cell (n, j); then one extra pass writes the finished,
-    clean block into the cache (K + 1 passes a block). Yields each block x0_hat (B, b, 3, H, W)
-    as soon as it is done. (`context_t` keeps the signature of the step-major sampler: here the
-    context is always clean — that is the point of comparison.)
-
-    Training (self-rollout distillation): `exit_step` j* stops every block at step j*; only that
-    step's prediction carries gradient (if the caller enables it). `x0_bias` is added to every
-    x0 prediction: a stand-in for a model's systematic error, to watch it compound."""
+                exit_step=None, x0_bias=0.0):
+    """Block-major order: for n: for j: cell (n, j); then one pass writes the finished, clean
+    block into the cache (K + 1 passes a block). Yields each block x0_hat (B, b, 3, H, W) when
+    done. `context_t` only keeps the step-major signature: this context is always clean.
+    Training: `exit_step` j* stops every block at step j*, and only that step carries gradient
+    (if enabled). `x0_bias` is added to every x0 prediction: a stand-in for a systematic error."""
     K, N, J, σ = _setup(model, noise, frames, exit_step)
-    b, grad, cache = model.cfg.block, torch.is_grad_enabled(), model.new_cache(window)
+    b, grad, cache = model.cfg.block, torch.is_grad_enabled(), model.new_cache()
     for n in range(N):
         x = noise(0, n)                                               # block n at σ_0 = 1
         for j in range(J + 1):
             with torch.set_grad_enabled(grad and j == J):             # gradient: exit step only
-                x0_hat = x - σ[j] * model(x, σ[j], label, frame0=n * b, cache=cache,
-                                          window=window) + x0_bias    # x0_hat = x − σ_j·v_hat
+                x0_hat = x - σ[j] * model(x, σ[j], label, frame0=n * b, cache=cache) + x0_bias
             if j < J:
                 x = add_noise(x0_hat, noise(j + 1, n), σ[j + 1])      # re-noise to σ_{j+1}
-        write(model, cache, x0_hat, 0.0, n, label, window)            # clean context, t_c = 0
+        write(model, cache, x0_hat, 0.0, n, label)                    # clean context, t_c = 0
         yield x0_hat
 
 
@@ -527,59 +477,50 @@ def sample_block_major(model: VideoDiT, noise: Noise, frames: int, label=None, *
 
 
 def sample_step_major(model: VideoDiT, noise: Noise, frames: int, label=None,
-                      context_t: str = "next", exit_step=None, window: int | None = None,
-                      x0_bias=0.0) -> torch.Tensor:
-    """Step-major order, as paper Alg. 1: for each step j, a fresh cache; for each block n,
-    cell (n, j), then block n is written at the context level t_c (Eq. 9, Table 2) for the blocks
-    after it. 2K passes a block. Same signature, noise and output as `sample_block_major`.
-    `context_t`: 'next' = t_{j+1}, HiAR's choice (clean after the last step); 'current' = t_j;
-    'clean' = 0. This loop holds all N blocks at once; `step_major` streams the same video."""
+                      context_t: str = "next", exit_step=None, x0_bias=0.0) -> torch.Tensor:
+    """Step-major order, as paper Alg. 1: for each step j a fresh cache; for each block n, cell
+    (n, j), then block n is written at the context level t_c (Eq. 9) for the blocks after it;
+    2K passes a block. `context_t` (Table 2): 'next' = t_{j+1}, HiAR's (clean after the last
+    step), 'current' = t_j, 'clean' = 0. Holds all N blocks; `step_major` streams the same."""
     K, N, J, σ = _setup(model, noise, frames, exit_step)
     assert context_t in CONTEXT_LEVELS, f"context_t={context_t!r}: one of {CONTEXT_LEVELS}"
     b, grad = model.cfg.block, torch.is_grad_enabled()
     x = [noise(0, n) for n in range(N)]                               # every block at σ_0 = 1
     out = [None] * N
     for j in range(J + 1):                                            # Alg. 1: for each step
-        cache = model.new_cache(window)                               #   the context of step j
+        cache = model.new_cache()                                     #   the context of step j
         for n in range(N):                                            #   for each block
             with torch.set_grad_enabled(grad and j == J):
-                x0_hat = x[n] - σ[j] * model(x[n], σ[j], label, frame0=n * b, cache=cache,
-                                             window=window) + x0_bias  # x − σ_j·v_hat
+                v_hat = model(x[n], σ[j], label, frame0=n * b, cache=cache)
+                x0_hat = x[n] - σ[j] * v_hat + x0_bias
             x_next = add_noise(x0_hat, noise(j + 1, n), σ[j + 1]) if j + 1 < K else x0_hat
             x_c, σ_c = {"next": (x_next, σ[j + 1]),                   # Eq. 9: context at the
                         "current": (x[n], σ[j]),                      # step's output level
                         "clean": (x0_hat, 0.0)}[context_t]            # (Table 2: t_j, 0)
-            write(model, cache, x_c, σ_c, n, label, window)
+            write(model, cache, x_c, σ_c, n, label)
             out[n], x[n] = x0_hat, x_next
     return torch.cat(out, 1)
 
 
-def fused_pass(model: VideoDiT, cache: KVCache, x_c, σ_c, x, σ_j: float, n: int, label,
-               window=None):
-    """The paper's fused pass: write block n − 1 (at σ_c) into the cache and denoise block n
-    (at σ_j) in *one* forward over both blocks with per-frame levels → v_hat of block n. A step
-    then costs N passes instead of 2N. For inference only: inside this pass block n attends to
-    block n − 1's keys *with* their gradient, which the unfused cache does not carry."""
+def fused_pass(model: VideoDiT, cache: KVCache, x_c, σ_c, x, σ_j: float, n: int, label):
+    """The paper's fused pass: write block n − 1 (at σ_c) and denoise block n (at σ_j) in one
+    forward with per-frame levels → v_hat of block n; a step costs N passes, not 2N. Inference
+    only: here block n sees block n − 1's keys *with* their gradient; the cache's are detached."""
     B, b = x.shape[0], model.cfg.block
     xs = torch.cat([x_c, x], 1)                                                 # (B, 2b, …)
     s = torch.cat([frame_sigma(σ_c, B, b, x.device), frame_sigma(σ_j, B, b, x.device)], 1)
-    return model(xs, s, label, frame0=(n - 1) * b, cache=cache, write_frames=b,
-                 window=window)[:, b:]
+    return model(xs, s, label, frame0=(n - 1) * b, cache=cache, write_frames=b)[:, b:]
 
 
 def step_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t: str = "next",
-               exit_step=None, window: int | None = None, x0_bias=0.0, fused: bool = False,
-               steps: range | None = None, inputs=None):
-    """Step-major sampling as a stream: yields each finished block as soon as it is done.
-
-    Cell (n, j) needs only (n − 1, j), through step j's cache, and (n, j − 1), its input; so any
-    order that respects those two gives Alg. 1's video bitwise. This one finishes block n's
-    steps before block n + 1's, with one KV cache per step: it holds K caches (each bounded by
-    the window) and one block, whatever the video's length. `fused=True` uses `fused_pass`.
-
-    `steps` and `inputs` make it one stage of the pipeline: run only `steps` (default all) on
-    blocks taken from `inputs` (default ε[0, n]); it yields each block at σ_{steps[-1] + 1}
-    (clean after the last step), or x0_hat at `exit_step`."""
+               exit_step=None, x0_bias=0.0, fused: bool = False, steps: range | None = None,
+               inputs=None):
+    """Step-major sampling as a stream, yielding each block when done. Cell (n, j) needs only
+    (n − 1, j) through step j's cache and (n, j − 1), its input, so any order respecting both
+    gives Alg. 1's video bitwise: this one runs block n's steps before block n + 1's, holding K
+    caches (one per step, window-bounded) and one block. `fused=True` uses `fused_pass`.
+    `steps` and `inputs` make it a pipeline stage: run only `steps` on blocks from `inputs`
+    (default ε[0, n]); yield each at σ_{steps[-1] + 1} (x0_hat after the last or exit step)."""
     K, N, J, σ = _setup(model, noise, frames, exit_step)
     assert context_t in CONTEXT_LEVELS, f"context_t={context_t!r}: one of {CONTEXT_LEVELS}"
     if fused and torch.is_grad_enabled():
@@ -587,35 +528,33 @@ def step_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t
                          "pass's): run it under torch.no_grad()")
     steps = range(J + 1) if steps is None else steps
     b, grad = model.cfg.block, torch.is_grad_enabled()
-    cache = {j: model.new_cache(window) for j in steps}              # one context per step
+    cache = {j: model.new_cache() for j in steps}                    # one context per step
     held = {}                                                        # fused: block n − 1's write
     inputs = iter(inputs) if inputs is not None else (noise(0, n) for n in range(N))
     for n in range(N):
         x = next(inputs)                                             # block n at σ_{steps[0]}
         for j in steps:
             with torch.set_grad_enabled(grad and j == J):
-                x0_hat = x - σ[j] * (
-                    fused_pass(model, cache[j], *held[j], x, σ[j], n, label, window) if j in held
-                    else model(x, σ[j], label, frame0=n * b, cache=cache[j], window=window)
-                ) + x0_bias
+                x0_hat = x - σ[j] * (fused_pass(model, cache[j], *held[j], x, σ[j], n, label)
+                                     if j in held else
+                                     model(x, σ[j], label, frame0=n * b, cache=cache[j])) + x0_bias
             x_next = add_noise(x0_hat, noise(j + 1, n), σ[j + 1]) if j + 1 < K else x0_hat
             x_c, σ_c = {"next": (x_next, σ[j + 1]),                  # Eq. 9
                         "current": (x, σ[j]), "clean": (x0_hat, 0.0)}[context_t]
             if fused:
                 held[j] = (x_c.detach(), σ_c)                        # written by the next pass
             else:
-                write(model, cache[j], x_c, σ_c, n, label, window)
+                write(model, cache[j], x_c, σ_c, n, label)
             x = x_next
         yield x0_hat if steps[-1] == J else x
 
 # ================================================================================================
 # 8. Pipelined step-major sampler: the wavefront
 # ================================================================================================
-# Cell (n, j) needs only (n − 1, j) (its context) and (n, j − 1) (its input). So the cells of one
-# anti-diagonal n + j are independent, and the steps can run as a pipeline: stream s owns a
-# contiguous group of steps with one KV cache each, takes block n from stream s − 1, runs its
-# steps on it, and hands it on. With S streams the N blocks finish in N + S − 1 slots instead of
-# N·S: ideal speed-up N·S / (N + S − 1). (Across processes: sample.distributed.)
+# The cells of one anti-diagonal n + j are independent, so the steps can run as a pipeline:
+# stream s owns a group of steps (a KV cache each), takes block n from stream s − 1, runs its
+# steps and hands it on; stream s runs block n in time slot n + s. The N blocks finish in
+# N + S − 1 slots instead of N·S. (Across processes: sample.distributed.)
 
 
 def step_groups(K: int, S: int) -> list[range]:
@@ -633,13 +572,12 @@ def pipeline_schedule(N: int, K: int, S: int) -> list[dict]:
 
 @torch.no_grad()
 def pipelined(model: VideoDiT, noise: Noise, frames: int, label=None, context_t: str = "next",
-              streams: int = 2, window: int | None = None, threads_per_stream: int | None = 1,
-              fused: bool = False, depth: int = 2):
+              streams: int = 2, threads_per_stream: int | None = 1, fused: bool = False,
+              depth: int = 2):
     """Step-major sampling as a wavefront on `streams` threads, one stage (a group of steps)
-    each, joined by queues of `depth` blocks; yields each block as the last stage finishes it.
-    Every forward pass sees the inputs and cache it sees in `sample_step_major`, so on the CPU
-    the video is bitwise the same (with `threads_per_stream` intra-op threads both ways; None
-    keeps the caller's). On a GPU each thread issues its kernels on a CUDA stream of its own."""
+    each, joined by queues of `depth` blocks. Every pass sees what it sees in `step_major`, so
+    on the CPU the video is bitwise the same (at `threads_per_stream` intra-op threads; None
+    keeps the caller's). On a GPU each thread runs on a CUDA stream of its own."""
     groups, N = step_groups(noise.K, streams), frames // model.cfg.block
     pipes = [queue.Queue(maxsize=depth) for _ in range(streams + 1)]  # pipes[s]: into stage s
     stop, caller_threads = threading.Event(), torch.get_num_threads()
@@ -666,8 +604,8 @@ def pipelined(model: VideoDiT, noise: Noise, frames: int, label=None, context_t:
             own = torch.cuda.stream(torch.cuda.Stream(noise.device)) if cuda else None
             inputs = (noise(0, n) if s == 0 else take(pipes[s]) for n in range(N))
             with torch.no_grad(), own or contextlib.nullcontext():
-                for x in step_major(model, noise, frames, label, context_t, None, window,
-                                    fused=fused, steps=groups[s], inputs=inputs):
+                for x in step_major(model, noise, frames, label, context_t, fused=fused,
+                                    steps=groups[s], inputs=inputs):
                     if cuda:
                         torch.cuda.current_stream().synchronize()    # x is ready downstream
                     put(pipes[s + 1], x)
@@ -696,41 +634,20 @@ def sample_pipelined(model: VideoDiT, noise: Noise, frames: int, label=None, **k
 # 9. Losses
 # ================================================================================================
 
-def sample_train_sigma(B: int, generator=None, device=None, shift: float = 3.0):
-    """σ for training the teacher: half logit-normal(0, 1) (SD3), half uniform t warped by a
-    σ-shift. Logit-normal alone puts ~1.4 % of its draws above σ = 0.9, where the few-step
-    student starts, the DMD loss sends many of its queries and the forward-KL target lives;
-    the shifted half puts 25 % there (shift 3). (B,)"""
-    logit_normal = torch.sigmoid(torch.randn(B, generator=generator))
-    shifted = shift_sigma(torch.rand(B, generator=generator), shift)
-    use_shifted = torch.rand(B, generator=generator) < 0.5
-    return torch.where(use_shifted, shifted, logit_normal).to(device)
-
-
 def flow_loss(model, x0, sigma, eps, label=None, causal: bool = False):
-    """Flow matching (rectified flow): L = ‖v_θ(x_σ, σ, label) − (ε − x0)‖², x_σ as
-    above.
-    Trains the teacher (full attention) and the DMD critic (the fake score). sigma: (B,)."""
+    """Flow matching: L = ‖v_θ(x_σ, σ, label) − (ε − x0)‖², sigma (B,). Trains the teacher
+    (full attention, labels dropped at random for CFG) and the DMD critic (the fake score)."""
     x_t = add_noise(x0, eps, sigma[:, None, None, None, None])
     return F.mse_loss(model(x_t, sigma, label, causal=causal), eps - x0)
-
-
-def drop_labels(label, p: float, generator=None):
-    """Classifier-free guidance training: replace each label by -1 ('no label') with prob. p."""
-    if label is None or p <= 0:
-        return label
-    drop = torch.rand(label.shape, generator=generator) < p
-    return torch.where(drop, torch.full_like(label, -1), label)
 
 
 @torch.no_grad()
 def teacher_ode(teacher: VideoDiT, eps, keep: list[float], steps: int = 48, shift: float = 8.0,
                 label=None, guidance: float = 1.0):
-    """Integrate the teacher's probability-flow ODE dx/dσ = v from σ = 1 to 0 with Euler steps on
-    a shift-warped grid (official ODE pairs: 48 steps, shift 8) that also contains the levels
-    `keep` (the student's σ_j), with classifier-free guidance `guidance` on `label`.
-    eps (B, T, 3, H, W) → (states at `keep` (B, len(keep), T, …), or None if `keep` is
-    empty; x0)."""
+    """The teacher's probability-flow ODE dx/dσ = v from σ = 1 to 0: Euler steps on a shifted
+    grid (official ODE pairs: 48 steps, shift 8) that contains the levels `keep` (the student's
+    σ_j), with CFG `guidance` on `label`. eps (B, T, 3, H, W) → (states at `keep`
+    (B, len(keep), T, …) or None, x0)."""
     grid = [float(shift_sigma(1 - i / steps, shift)) for i in range(steps + 1)]
     grid = sorted({round(s, 7) for s in grid + list(keep)}, reverse=True)
     want = {round(s, 7): i for i, s in enumerate(keep)}
@@ -745,27 +662,21 @@ def teacher_ode(teacher: VideoDiT, eps, keep: list[float], steps: int = 48, shif
 
 def dmd_sigma(B: int, shift: float, generator=None, device=None, t_min: float = 0.02,
               t_max: float = 0.98):
-    """The levels at which DMD queries both scores, and on which the critic is trained (the
-    official code uses one distribution for both): t ~ U[0, 1], σ = shift(t), clamped to
-    [t_min, t_max] *after* the shift. (B,)"""
+    """Where DMD queries both scores and the critic trains (one distribution, as the official
+    code): t ~ U[0, 1], σ = shift(t), clamped to [t_min, t_max] *after* the shift. (B,)"""
     t = torch.rand(B, generator=generator)
     return shift_sigma(t, shift).clamp(t_min, t_max).to(device)
 
 
 def dmd_loss(x0, teacher: VideoDiT, critic: VideoDiT, shift: float, label=None,
              guidance: float = 1.0, generator=None, guidance_max_sigma: float = 1.0):
-    """Distribution matching distillation: the paper's reverse-KL term (after DMD2 and
-    Self-Forcing). Diffuse the student's video to a random level σ (`dmd_sigma`),
-        x_σ = (1 − σ)·x0 + σ·ε,
-    read the clean-video predictions of the real score (frozen teacher, classifier-free guidance
-    `guidance` on `label` where σ <= `guidance_max_sigma`, none above: guidance in a limited
-    interval, Kynkäänniemi et al. 2024) and the fake score (critic, conditional), and step x0
-    along their difference, normalised per video:
-        grad = (x0_fake − x0_real) / mean|x0 − x0_real|,
-        L = ½ · ‖x0 − sg(x0 − grad)‖².
-    So ∂L/∂x0 ∝ grad: x0 moves to where the teacher's distribution is denser than the
-    student's.
-    x0 (B, T, 3, H, W) carries the generator's gradient; both score models are bidirectional."""
+    """Distribution matching distillation, the paper's reverse-KL term (after DMD2 and
+    Self-Forcing). Diffuse the student's video x0 (B, T, 3, H, W) to a level σ (`dmd_sigma`),
+    read the clean predictions of the real score (the frozen teacher, with CFG `guidance` where
+    σ <= `guidance_max_sigma`: guidance in an interval, Kynkäänniemi et al. 2024) and of the
+    fake score (the critic), and step x0 along their difference, normalised per video:
+        grad = (x0_fake − x0_real) / mean|x0 − x0_real|,   L = ½·‖x0 − sg(x0 − grad)‖²,
+    so ∂L/∂x0 ∝ grad moves x0 to where the teacher's distribution is denser than the student's."""
     B = x0.shape[0]
     with torch.no_grad():
         sigma = dmd_sigma(B, shift, generator, x0.device)                    # (B,)
@@ -780,18 +691,15 @@ def dmd_loss(x0, teacher: VideoDiT, critic: VideoDiT, shift: float, label=None,
 
 
 def chord_x0(x_a, x_b, sigma_a: float, sigma_b: float):
-    """The x0 that carries x_a (at σ_a) to x_b (at σ_b) along a straight line: extrapolate the
-    chord of the teacher's trajectory to σ = 0:
-        x0 = x_a − σ_a · (x_a − x_b) / (σ_a − σ_b)."""
+    """The x0 that carries x_a (at σ_a) to x_b (at σ_b) on a straight line — the chord of the
+    teacher's trajectory extrapolated to σ = 0: x0 = x_a − σ_a·(x_a − x_b) / (σ_a − σ_b)."""
     return x_a - sigma_a * (x_a - x_b) / (sigma_a - sigma_b)
 
 
 def fkl_loss(student: VideoDiT, x_start, x0_target, sigma0: float = 1.0, label=None,
              bidirectional: bool = True):
-    """Forward-KL regulariser (paper Eq. 10-11): regress the student's *first* denoising step
-    (σ_0, pure noise) onto the teacher's ODE trajectory:
-        L_FKL = ‖x0_θ(x_{σ_0}) − x0_ODE‖².
-    The total generator loss is L = L_DMD + λ·L_FKL (λ = 0.1). The paper runs the student with
-    bidirectional attention here; the official code keeps the block-causal mask (`False`).
-    x_start, x0_target (B, T, 3, H, W)."""
+    """Forward-KL regulariser (paper Eq. 10-11): regress the student's *first* step (σ_0, pure
+    noise) onto the teacher's ODE trajectory, L_FKL = ‖x0_θ(x_{σ_0}) − x0_ODE‖²; the generator
+    loss is L_DMD + λ·L_FKL (λ = 0.1). Bidirectional attention as the paper; the official code
+    keeps the block-causal mask (`False`). x_start, x0_target (B, T, 3, H, W)."""
     return F.mse_loss(student.x0(x_start, sigma0, label, causal=not bidirectional), x0_target)

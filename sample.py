@@ -463,7 +463,7 @@ def block_stream(model, sampler: str, noise, frames: int, label, context_t: str,
 
 
 @torch.no_grad()
-def distributed(model, noise, frames: int, label=None, context_t: str = "next", window=None,
+def distributed(model, noise, frames: int, label=None, context_t: str = "next",
                 fused: bool = False):
     """hiar.pipelined's wavefront across processes: rank s of S (torch.distributed, started with
     `torchrun --nproc_per_node=S`) runs stage s (`hiar.step_major` on its group of steps) and
@@ -479,7 +479,7 @@ def distributed(model, noise, frames: int, label=None, context_t: str = "next", 
         return x
 
     inputs = (noise(0, n) if s == 0 else receive() for n in range(N))
-    for x in hiar.step_major(model, noise, frames, label, context_t, None, window, fused=fused,
+    for x in hiar.step_major(model, noise, frames, label, context_t, fused=fused,
                              steps=hiar.step_groups(noise.K, S)[s], inputs=inputs):
         if s + 1 < S:
             dist.send(x.contiguous(), dst=s + 1)

@@ -1,5 +1,7 @@
 """Tests for hiar.py, sample.py and train_toy.py: known answers (causality, equivalence of fast
 paths and references, determinism, pass counts, physics, metrics), on the tiny `smoke` preset."""
+import copy
+import dataclasses
 import gc
 import json
 import os
@@ -47,6 +49,12 @@ def noise(cfg, batch=2, seed=1, K=None):
     return hiar.Noise(cfg, [seed * 100 + i for i in range(batch)], K=K)
 
 
+def bank(noise, frames):
+    """The whole table ε (K, N, B, b, 3, H, W) of a hiar.Noise for `frames` frames."""
+    N = frames // noise.shape[0]
+    return torch.stack([torch.stack([noise(j, n) for n in range(N)]) for j in range(noise.K)])
+
+
 class NoiseBank:
     """A given table ε (K, N, B, b, 3, H, W) behind the interface of hiar.Noise: to
     differentiate through the noise, or to feed chosen draws."""
@@ -60,7 +68,7 @@ class NoiseBank:
 
 
 def reference_sample(model, noise, frames, label=None, order="step", context_t="next",
-                     window=None, exit_step=None, x0_bias=0.0):
+                     exit_step=None, x0_bias=0.0):
     """The slow oracle of both samplers: no KV cache. Every written context block is kept and
     re-run, with the current block, through the masked model at each query — the mask gives each
     frame exactly the window it had when the fast path cached its keys."""
@@ -73,7 +81,7 @@ def reference_sample(model, noise, frames, label=None, order="step", context_t="
         xs = torch.cat([c for c, _ in ctx] + [x], 1)
         ss = torch.cat([hiar.frame_sigma(sc, B, b) for _, sc in ctx]
                        + [hiar.frame_sigma(s, B, b)], 1)
-        return model(xs, ss, label, frame0=(n + 1) * b - xs.shape[1], window=window)[:, -b:]
+        return model(xs, ss, label, frame0=(n + 1) * b - xs.shape[1])[:, -b:]
 
     out = [None] * N
     if order == "block":
@@ -267,9 +275,9 @@ def test_hsv_roundtrip():
 
 def test_label_dropout_rate_and_null_label():
     lab = torch.zeros(20000, dtype=torch.long)
-    dropped = hiar.drop_labels(lab, 0.1, torch.Generator().manual_seed(0))
+    dropped = train_toy.drop_labels(lab, 0.1, torch.Generator().manual_seed(0))
     assert (dropped == -1).float().mean() == pytest.approx(0.1, abs=0.01)
-    assert hiar.drop_labels(lab, 0.0) is lab and hiar.drop_labels(None, 0.5) is None
+    assert train_toy.drop_labels(lab, 0.0) is lab and train_toy.drop_labels(None, 0.5) is None
 
 
 def test_label_changes_the_output_and_none_is_the_null_label(cfg, model):
@@ -311,7 +319,7 @@ def test_flow_conversions_roundtrip():
 
 
 def test_teacher_sigma_puts_weight_near_one():
-    s = hiar.sample_train_sigma(50000, torch.Generator().manual_seed(0), shift=3.0)
+    s = train_toy.sample_train_sigma(50000, torch.Generator().manual_seed(0), shift=3.0)
     logit_normal_share = 0.0142                  # P(sigmoid(N(0,1)) > 0.9)
     assert (s > 0.9).float().mean() == pytest.approx(0.5 * logit_normal_share + 0.5 * 0.25,
                                                      abs=0.01)
@@ -349,7 +357,7 @@ def test_masked_forward_is_block_causal_and_teacher_is_not(cfg, model):
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_cached_generation_is_causal(cfg, model, sampler):
     F = 4 * cfg.block
-    t = noise(cfg).bank(F)
+    t = bank(noise(cfg), F)
     changed = t.clone()
     changed[:, 2] += 1.0                                                     # perturb block 2
     with torch.no_grad():
@@ -403,7 +411,9 @@ def test_rolling_window_bounds_the_cache(cfg, model, sampler, monkeypatch):
     with torch.no_grad():
         video = sampler(model, noise(cfg), long)
         windowed, held[:] = list(held), []
-        unbounded = sampler(model, noise(cfg), long, window=long)
+        wide = copy.copy(model)                          # the same weights, a longer window
+        wide.cfg = dataclasses.replace(cfg, window=long)
+        unbounded = sampler(wide, noise(cfg), long)
     assert video.shape[1] == long and torch.isfinite(video).all()
     assert max(windowed) == cfg.window_frames - cfg.block                   # never more
     assert max(held) == long - cfg.block                                     # (the spy works)
@@ -529,9 +539,9 @@ def test_streaming_step_major_is_the_literal_alg1_loop(cfg, model, context_t):
 
 def test_noise_bank_is_the_per_cell_source(cfg):
     n = noise(cfg, batch=3)
-    bank = n.bank(2 * cfg.frames)
-    assert bank.shape == (cfg.K, 2 * cfg.frames // cfg.block, 3, cfg.block, 3, cfg.size, cfg.size)
-    assert torch.equal(bank[1, 4], n(1, 4)) and not torch.equal(n(1, 4), n(0, 4))
+    table = bank(n, 2 * cfg.frames)
+    assert table.shape == (cfg.K, 2 * cfg.frames // cfg.block, 3, cfg.block, 3, cfg.size, cfg.size)
+    assert torch.equal(table[1, 4], n(1, 4)) and not torch.equal(n(1, 4), n(0, 4))
     assert not torch.equal(n(0, 3), n(0, 4))
     assert torch.equal(hiar.Noise(cfg, [101])(1, 4)[0], n(1, 4)[1])     # per video
 
@@ -585,7 +595,7 @@ def test_exit_step_gradient_flows_only_through_the_exit_prediction(cfg, sampler)
     """Self-rollout training (§4): steps before the exit run without gradient, the context is
     detached, and only the exit step's prediction of each block carries gradient."""
     model = random_model(cfg).train()
-    t = noise(cfg).bank(3 * cfg.block).requires_grad_(True)
+    t = bank(noise(cfg), 3 * cfg.block).requires_grad_(True)
     out = sampler(model, NoiseBank(t), 3 * cfg.block, exit_step=1)        # (B, 3b, …)
     out[:, cfg.block:2 * cfg.block].sum().backward()         # block 1 only
     g = t.grad.abs().sum(dim=(2, 3, 4, 5, 6))                # (K, N)

@@ -313,11 +313,30 @@ def autocast(run: Run):
 # Stage 1: the bidirectional, conditional teacher
 # ------------------------------------------------------------------------------------------------
 
+def sample_train_sigma(B: int, generator=None, device=None, shift: float = 3.0):
+    """σ for training the teacher: half logit-normal(0, 1) (SD3), half uniform t warped by a
+    σ-shift. Logit-normal alone puts ~1.4 % of its draws above σ = 0.9, where the few-step
+    student starts, the DMD loss sends many of its queries and the forward-KL target lives;
+    the shifted half puts 25 % there (shift 3). (B,)"""
+    logit_normal = torch.sigmoid(torch.randn(B, generator=generator))
+    shifted = hiar.shift_sigma(torch.rand(B, generator=generator), shift)
+    use_shifted = torch.rand(B, generator=generator) < 0.5
+    return torch.where(use_shifted, shifted, logit_normal).to(device)
+
+
+def drop_labels(label, p: float, generator=None):
+    """Classifier-free guidance training: replace each label by -1 ('no label') with prob. p."""
+    if label is None or p <= 0:
+        return label
+    drop = torch.rand(label.shape, generator=generator) < p
+    return torch.where(drop, torch.full_like(label, -1), label)
+
+
 def train_teacher(run: Run) -> float:
     """Flow matching with full attention on labelled clips; a `label_dropout` share of the clips
     is shown 'no label', so one network gives both scores that CFG needs. σ is drawn half
     logit-normal, half shifted-uniform, so the levels near σ = 1 — where the student starts and
-    DMD queries — are trained too (hiar.sample_train_sigma)."""
+    DMD queries — are trained too (sample_train_sigma)."""
     cfg, tc, dev = run.cfg, run.tc, run.device
     model = hiar.VideoDiT(cfg).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.teacher_lr, weight_decay=0.0)
@@ -327,8 +346,8 @@ def train_teacher(run: Run) -> float:
     def step_fn(step):
         set_lr(opt, tc.teacher_lr, step, tc.teacher_steps)
         x0, state = hiar.moving_shapes(cfg, tc.batch, g)
-        label = hiar.drop_labels(state["label"], tc.label_dropout, g) if cfg.labels else None
-        sigma = hiar.sample_train_sigma(tc.batch, g, dev, tc.teacher_shift)
+        label = drop_labels(state["label"], tc.label_dropout, g) if cfg.labels else None
+        sigma = sample_train_sigma(tc.batch, g, dev, tc.teacher_shift)
         eps = torch.randn(x0.shape, generator=g).to(dev)
         with autocast(run):
             loss = hiar.flow_loss(model, x0.to(dev), sigma, eps, label, causal=False)
