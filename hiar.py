@@ -1,12 +1,11 @@
 """HiAR — hierarchical denoising for autoregressive video diffusion, in one readable file.
 
-An autoregressive (AR) video diffusion model makes a video block by block; each block sees the
-earlier blocks through a KV cache. Few-step samplers such as CausVid and Self-Forcing are
-*block-major*: they finish block n, then cache its clean result as context for everything after
-it, so a mistake becomes confident context and long videos drift. HiAR (Zou et al., arXiv
-2603.08703) is *step-major*: for each denoising step it walks over all blocks and conditions each
-block on its predecessors at the *same* noise level (the step's output level t_{j+1}), which
-carries enough for continuity without propagating confident errors (paper Alg. 1, Eq. 9).
+An autoregressive (AR) video diffusion model makes a video block by block, each block seeing the
+earlier ones through a KV cache. Few-step samplers such as CausVid and Self-Forcing are
+*block-major*: they finish block n and cache its clean result as context for all later blocks, so
+a mistake becomes confident context and long videos drift. HiAR (Zou et al., arXiv 2603.08703) is
+*step-major*: each denoising step walks over all blocks, conditioning each on its predecessors at
+the *same* noise level t_{j+1} — enough for continuity, without confident errors (Alg. 1, Eq. 9).
 
 Map of this file, in reading order (section banners mirror it):
   1. Config       data, model and sampler fields; named presets
@@ -20,9 +19,8 @@ Map of this file, in reading order (section banners mirror it):
   8. Pipelined    the step-major wavefront on S threads
   9. Losses       flow matching, teacher ODE with CFG, DMD (reverse KL), forward KL
 
-Time convention, used everywhere: σ ∈ [0, 1], x_σ = (1 − σ)·x0 + σ·ε;
-σ = 1 is pure noise, σ = 0 is clean data. The network predicts the velocity
-v = ε − x0, so x0_hat = x_σ − σ·v_hat.
+Time convention, everywhere: σ ∈ [0, 1], x_σ = (1 − σ)·x0 + σ·ε; σ = 1 noise, σ = 0 data.
+The network predicts the velocity v = ε − x0, so x0_hat = x_σ − σ·v_hat.
 """
 from __future__ import annotations
 
@@ -30,15 +28,13 @@ import contextlib
 import math
 import queue
 import threading
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ================================================================================================
-# 1. Config
-# ================================================================================================
+# ==== 1. Config ===================================================================================
 
 CONTEXT_LEVELS = ("current", "next", "clean")  # paper Table 2: t_c = t_j, t_{j+1}, 0
 SAMPLER_FIELDS = ("K", "shift", "window", "context_t")  # may differ between teacher and student
@@ -91,13 +87,6 @@ class Config:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown Config fields {unknown}")
-        return cls(**d)
-
-    @classmethod
     def preset(cls, name: str, **overrides) -> "Config":
         if name not in PRESETS:
             raise ValueError(f"preset={name!r} is unknown; choose one of {sorted(PRESETS)}")
@@ -112,13 +101,10 @@ PRESETS = {
     "toy": dict(),
 }
 
-# ================================================================================================
-# 2. Toy data: moving shapes with known physics and per-clip appearance
-# ================================================================================================
-# Each blob's hue, saturation, brightness and size and the background's tint are drawn per clip,
-# so a model gets block n right only by copying them from the context: the toy's stand-in for
-# the identity and style a video model carries from block to block. The label (a prompt) fixes
-# the colour family: blob hues lie within ±1/(2·labels) of turn label/labels.
+# ==== 2. Toy data: moving shapes with known physics and per-clip appearance =======================
+# Blob hue, saturation, brightness, size and the background tint are drawn per clip, so block n
+# is right only if copied from the context (the toy's identity and style). The label (a prompt)
+# fixes the colour family: blob hues lie within ±1/(2·labels) of turn label/labels.
 
 
 def as_labels(label, B: int, labels: int) -> torch.Tensor:
@@ -145,11 +131,9 @@ def _bounce(p0, v, t, lo, hi):
 
 def moving_shapes(cfg: Config, batch: int, generator: torch.Generator | None = None,
                   frames: int | None = None, label=None, start: int = 0):
-    """`batch` videos (B, T, 3, H, W) in [-1, 1] of Gaussian blobs bouncing in a tinted box,
-    and their ground truth per frame: pos, vel (B, T, S, 2) as (x, y); radius, hue, saturation,
-    value (B, T, S); colour (B, T, S, 3), background (B, T, 3) in [0, 1]; label (B,).
-    label: None (each clip draws its family), an int or (B,). The same generator state with
-    start = 0, T, 2T, … gives consecutive pieces of the same clips (long ground truth)."""
+    """`batch` clips (B, T, 3, H, W) in [-1, 1] and their truth per frame: pos, vel (B, T, S, 2);
+    radius, hue, saturation, value (B, T, S); colour (B, T, S, 3), background (B, T, 3) in
+    [0, 1]; label (B,). start = 0, T, 2T, … from one generator state: consecutive pieces."""
     T = cfg.frames if frames is None else frames
     assert T >= 1 and start >= 0, f"frames={T} must be >= 1 and start={start} >= 0"
     B, S, H, g = batch, cfg.shapes, cfg.size, generator
@@ -176,9 +160,8 @@ def moving_shapes(cfg: Config, batch: int, generator: torch.Generator | None = N
     dx = grid[None, None, None, None, :] - pos[..., 0, None, None]   # (B, T, S, 1, W)
     dy = grid[None, None, None, :, None] - pos[..., 1, None, None]   # (B, T, S, H, 1)
     alpha = torch.exp(-(dx ** 2 + dy ** 2) / (2 * radius[:, None, :, None, None] ** 2))
-    bg = background[:, None, :, None, None]                          # (B, 1, 3, 1, 1)
-    # each blob paints over the background in proportion to its Gaussian profile
-    img = bg + torch.einsum("btshw,bsc->btchw", alpha, colour - background[:, None])
+    img = background[:, None, :, None, None] + torch.einsum(   # each blob paints over the
+        "btshw,bsc->btchw", alpha, colour - background[:, None])  # ground by its profile
     per_frame = lambda a: a[:, None].expand(B, T, *a.shape[1:])     # noqa: E731
     state = dict(pos=pos, vel=vel, radius=per_frame(radius), hue=per_frame(hue),
                  saturation=per_frame(sat), value=per_frame(val), colour=per_frame(colour),
@@ -186,9 +169,7 @@ def moving_shapes(cfg: Config, batch: int, generator: torch.Generator | None = N
     return img.clamp(0, 1) * 2 - 1, state
 
 
-# ================================================================================================
-# 3. Schedule: flow matching with a σ-shift
-# ================================================================================================
+# ==== 3. Schedule: flow matching with a σ-shift ==================================================
 
 def shift_sigma(s, shift: float):
     """Timestep shift (Wan / SD3): σ = shift·s / (1 + (shift − 1)·s), s ∈ [0, 1]."""
@@ -206,20 +187,13 @@ def add_noise(x0, eps, sigma):
     return (1 - sigma) * x0 + sigma * eps
 
 
-def x0_from_v(x_t, v, sigma):
-    """x0_hat = x_σ − σ·v_hat (since v = ε − x0)."""
-    return x_t - sigma * v
-
-
 def frame_sigma(sigma, B: int, T: int, device=None) -> torch.Tensor:
     """A per-frame σ tensor (B, T) from a float, a (B,) tensor or a (B, T) tensor."""
     s = torch.as_tensor(sigma, dtype=torch.float32, device=device)
     return s.expand(B, T) if s.dim() == 0 else s[:, None].expand(B, T) if s.dim() == 1 else s
 
 
-# ================================================================================================
-# 4. Model: a small video transformer with per-frame timesteps, block-causal attention, KV cache
-# ================================================================================================
+# ==== 4. Model: a video transformer with per-frame σ, block-causal attention, KV cache =======
 
 def attention_mask(q_frames, k_frames, block: int, window: int, causal: bool):
     """Which key frames each query frame may see, (Lq, Lk) bool from absolute frame indices.
@@ -227,8 +201,7 @@ def attention_mask(q_frames, k_frames, block: int, window: int, causal: bool):
     at most `window − block` frames before its block starts. Full (teacher): None = all."""
     if not causal:
         return None
-    q_start = (q_frames // block * block)[:, None]
-    k = k_frames[None, :]
+    q_start, k = (q_frames // block * block)[:, None], k_frames[None, :]
     return (k < q_start + block) & (k >= q_start - (window - block))
 
 
@@ -239,14 +212,13 @@ def rope(x, frame, base: float = 100.0):
     d = x.shape[-1]
     freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
     ang = frame.to(torch.float32)[:, None] * freq[None]                                # (L, d/2)
-    cos, sin = ang.cos(), ang.sin()
-    x1, x2 = x[..., 0::2], x[..., 1::2]
+    cos, sin, x1, x2 = ang.cos(), ang.sin(), x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
 
 
 class KVCache:
-    """Keys (already RoPE-rotated) and values of the context frames for every layer, at most
-    `max_frames` frames: the rolling window evicts the oldest."""
+    """Keys (RoPE-rotated) and values of the context frames per layer; the rolling window keeps
+    at most `max_frames` frames."""
 
     def __init__(self, depth: int, max_frames: int, tokens_per_frame: int):
         self.k, self.v = [None] * depth, [None] * depth    # per layer (B, h, L, d)
@@ -317,16 +289,13 @@ def timestep_embedding(sigma, dim: int):
 
 
 class VideoDiT(nn.Module):
-    """Video transformer v_θ(x_σ, σ, label) → v_hat, for teacher (`causal=False`: full
-    attention) and student (`causal=True`: block-causal). Every frame carries its own σ (adaLN
-    per frame), so one sequence may mix levels — the step-major context and the fused pass rely
-    on it. The label (a stand-in for a prompt) is added to the timestep embedding, as DiT's class;
-    label -1 (or None) is a learned 'no label', the unconditional score CFG needs."""
+    """v_θ(x_σ, σ, label) → v_hat for teacher (`causal=False`) and student (block-causal). Each
+    frame has its own σ (adaLN per frame), so a sequence may mix levels. The label (a prompt) is
+    added to the timestep embedding, as DiT's class; -1 / None is a learned 'no label' (CFG)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.cfg = cfg
-        p, D = cfg.patch, cfg.dim
+        self.cfg, p, D = cfg, cfg.patch, cfg.dim
         self.patch_in = nn.Linear(3 * p * p, D)
         self.pos = nn.Parameter(torch.randn(cfg.tokens_per_frame, D) * 0.02)  # spatial only
         self.t_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
@@ -347,10 +316,9 @@ class VideoDiT(nn.Module):
 
     def forward(self, x, sigma, label=None, frame0: int = 0, causal: bool = True,
                 cache: KVCache | None = None, write_frames: int = 0):
-        """x (B, T, 3, H, W) at per-frame levels sigma (B, T) (or a float / (B,)); label None or
-        (B,) in [-1, labels); frame0 is the absolute index of x's first frame. With a cache, x
-        attends to the cached frames too, and the keys/values of its first `write_frames` frames
-        are appended to the cache. Returns v_hat (B, T, 3, H, W)."""
+        """x (B, T, 3, H, W) at levels sigma (B, T) (or float / (B,)) → v_hat (B, T, 3, H, W).
+        frame0: x's first absolute frame. With a cache, x also attends to the cached frames, and
+        the keys/values of its first `write_frames` frames are appended to it."""
         cfg, p = self.cfg, self.cfg.patch
         B, T, C, H, W = x.shape
         assert (C, H, W) == (3, cfg.size, cfg.size), f"frame shape {(C, H, W)} is not the model's"
@@ -388,23 +356,20 @@ class VideoDiT(nn.Module):
             v_cond, v_unc = self(torch.cat([x, x]), torch.cat([s, s]),
                                  torch.cat([lab, torch.full_like(lab, -1)]), **kw).chunk(2)
             v = v_unc + w.reshape(-1, 1, 1, 1, 1) * (v_cond - v_unc)
-        return x0_from_v(x, v, s[..., None, None, None])
+        return x - s[..., None, None, None] * v                     # x0_hat = x_σ − σ·v_hat
 
 
-# ================================================================================================
-# 5. Noise: ε[j, n] per video, drawn on demand
-# ================================================================================================
-# Both orders run the same cells. Cell (n, j) denoises block n from σ_j: x0_hat = x − σ_j·v_hat,
-# then re-noises x0_hat to σ_{j+1} with fresh noise (SDE-style, as Self-Forcing). All randomness
-# is ε[j, n] (ε[0, n]: block n's start) from a seed per video, block and step (EDM's per-sample
-# seeding), so every order, the pipeline and any batch see the same draws: video i does not
-# depend on the batch, and a shorter video is a prefix of a longer one.
+# ==== 5. Noise: ε[j, n] per video, drawn on demand ===============================================
+# Cell (n, j) denoises block n from σ_j (x0_hat = x − σ_j·v_hat) and re-noises x0_hat to
+# σ_{j+1} with fresh noise ε[j + 1, n] (SDE-style, as Self-Forcing). ε has a seed per video,
+# block and step (EDM's per-sample seeding): every order, pipeline and batch draw the same.
 
 
 def _cell_seed(seed: int, n: int, j: int) -> int:
-    """A well-mixed 63-bit seed for ε[j, n] of a video with seed `seed` (splitmix64 finaliser)."""
+    """A well-mixed 63-bit seed for ε[j, n] of a video with seed `seed` (splitmix64)."""
     m = 2 ** 64
-    x = (seed * 0x9E3779B97F4A7C15 + (n + 1) * 0xBF58476D1CE4E5B9 + (j + 1) * 0x94D049BB133111EB) % m
+    x = (seed * 0x9E3779B97F4A7C15 + (n + 1) * 0xBF58476D1CE4E5B9
+         + (j + 1) * 0x94D049BB133111EB) % m
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % m
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % m
     return (x ^ (x >> 31)) % 2 ** 63
@@ -426,34 +391,29 @@ class Noise:
 
 @torch.no_grad()
 def write(model: VideoDiT, cache: KVCache, x_c, σ_c, n: int, label):
-    """Make block n, at level σ_c, context for the blocks after it: a detached pass whose keys
-    and values go into the cache (its output is not used)."""
+    """Block n at level σ_c becomes context: a detached pass appends its keys and values."""
     b = model.cfg.block
     model(x_c, σ_c, label, frame0=n * b, cache=cache, write_frames=b)
 
 
 def _setup(model: VideoDiT, noise, frames: int, exit_step):
     """(K, N, J, σ): steps, blocks, the last step run (the exit step j* in training), levels."""
-    K, b = noise.K, model.cfg.block
-    assert noise.shape == (b, 3, model.cfg.size, model.cfg.size), "noise draws blocks of " \
-        f"{noise.shape}, the model {(b, 3, model.cfg.size, model.cfg.size)}"
+    K, b, shape = noise.K, model.cfg.block, (model.cfg.block, 3, model.cfg.size, model.cfg.size)
+    assert noise.shape == shape, f"noise draws blocks of {noise.shape}, the model {shape}"
     assert frames % b == 0, f"frames={frames}: whole blocks of {b}"
     J = K - 1 if exit_step is None else exit_step
     assert 0 <= J < K, f"exit_step={exit_step} must be in [0, {K - 1}]"
     return K, frames // b, J, student_sigmas(K, model.cfg.shift)
 
-# ================================================================================================
-# 6. Block-major sampler (CausVid / Self-Forcing)
-# ================================================================================================
+# ==== 6. Block-major sampler (CausVid / Self-Forcing) =============================================
 
 
 def block_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t="clean",
                 exit_step=None, x0_bias=0.0):
-    """Block-major order: for n: for j: cell (n, j); then one pass writes the finished, clean
-    block into the cache (K + 1 passes a block). Yields each block x0_hat (B, b, 3, H, W) when
-    done. `context_t` only keeps the step-major signature: this context is always clean.
-    Training: `exit_step` j* stops every block at step j*, and only that step carries gradient
-    (if enabled). `x0_bias` is added to every x0 prediction: a stand-in for a systematic error."""
+    """For n: for j: cell (n, j); then one pass caches the clean block (K + 1 passes a block);
+    yields each block (B, b, 3, H, W). `exit_step` j* (training) stops every block at j*, the
+    only step with gradient; `x0_bias` is added to every x0 (a stand-in for a systematic error).
+    `context_t` keeps the step-major signature: this context is always clean."""
     K, N, J, σ = _setup(model, noise, frames, exit_step)
     b, grad, cache = model.cfg.block, torch.is_grad_enabled(), model.new_cache()
     for n in range(N):
@@ -471,17 +431,14 @@ def sample_block_major(model: VideoDiT, noise: Noise, frames: int, label=None, *
     """The whole video (B, frames, 3, H, W) from `block_major`."""
     return torch.cat(list(block_major(model, noise, frames, label, **kw)), 1)
 
-# ================================================================================================
-# 7. Step-major sampler (HiAR, paper Alg. 1)
-# ================================================================================================
+# ==== 7. Step-major sampler (HiAR, paper Alg. 1) ==================================================
 
 
 def sample_step_major(model: VideoDiT, noise: Noise, frames: int, label=None,
                       context_t: str = "next", exit_step=None, x0_bias=0.0) -> torch.Tensor:
-    """Step-major order, as paper Alg. 1: for each step j a fresh cache; for each block n, cell
-    (n, j), then block n is written at the context level t_c (Eq. 9) for the blocks after it;
-    2K passes a block. `context_t` (Table 2): 'next' = t_{j+1}, HiAR's (clean after the last
-    step), 'current' = t_j, 'clean' = 0. Holds all N blocks; `step_major` streams the same."""
+    """Paper Alg. 1: for each step j a fresh cache; for each block n, cell (n, j), then block n
+    is written at the context level t_c (Eq. 9) for the blocks after it; 2K passes a block.
+    `context_t` (Table 2): 'next' = t_{j+1} (HiAR's), 'current' = t_j or 'clean' = 0."""
     K, N, J, σ = _setup(model, noise, frames, exit_step)
     assert context_t in CONTEXT_LEVELS, f"context_t={context_t!r}: one of {CONTEXT_LEVELS}"
     b, grad = model.cfg.block, torch.is_grad_enabled()
@@ -494,9 +451,9 @@ def sample_step_major(model: VideoDiT, noise: Noise, frames: int, label=None,
                 v_hat = model(x[n], σ[j], label, frame0=n * b, cache=cache)
                 x0_hat = x[n] - σ[j] * v_hat + x0_bias
             x_next = add_noise(x0_hat, noise(j + 1, n), σ[j + 1]) if j + 1 < K else x0_hat
-            x_c, σ_c = {"next": (x_next, σ[j + 1]),                   # Eq. 9: context at the
-                        "current": (x[n], σ[j]),                      # step's output level
-                        "clean": (x0_hat, 0.0)}[context_t]            # (Table 2: t_j, 0)
+            x_c, σ_c = x_next, σ[j + 1]              # Eq. 9: context at the step's output level
+            if context_t != "next":                  # Table 2's other levels: t_j, or clean
+                x_c, σ_c = (x[n], σ[j]) if context_t == "current" else (x0_hat, 0.0)
             write(model, cache, x_c, σ_c, n, label)
             out[n], x[n] = x0_hat, x_next
     return torch.cat(out, 1)
@@ -515,19 +472,15 @@ def fused_pass(model: VideoDiT, cache: KVCache, x_c, σ_c, x, σ_j: float, n: in
 def step_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t: str = "next",
                exit_step=None, x0_bias=0.0, fused: bool = False, steps: range | None = None,
                inputs=None):
-    """Step-major sampling as a stream, yielding each block when done. Cell (n, j) needs only
-    (n − 1, j) through step j's cache and (n, j − 1), its input, so any order respecting both
-    gives Alg. 1's video bitwise: this one runs block n's steps before block n + 1's, holding K
-    caches (one per step, window-bounded) and one block. `fused=True` uses `fused_pass`.
-    `steps` and `inputs` make it a pipeline stage: run only `steps` on blocks from `inputs`
-    (default ε[0, n]); yield each at σ_{steps[-1] + 1} (x0_hat after the last or exit step)."""
+    """Step-major as a stream. Cell (n, j) needs only (n − 1, j), via step j's cache, and
+    (n, j − 1), its input, so this order (block n's steps before block n + 1's; K caches, one
+    block held) gives Alg. 1's video bitwise. As a pipeline stage: run only `steps` on blocks
+    from `inputs`, yield each at σ_{steps[-1] + 1} (x0_hat after the last or exit step)."""
     K, N, J, σ = _setup(model, noise, frames, exit_step)
     assert context_t in CONTEXT_LEVELS, f"context_t={context_t!r}: one of {CONTEXT_LEVELS}"
-    if fused and torch.is_grad_enabled():
-        raise ValueError("fused=True is for inference (its gradients differ from the unfused "
-                         "pass's): run it under torch.no_grad()")
-    steps = range(J + 1) if steps is None else steps
-    b, grad = model.cfg.block, torch.is_grad_enabled()
+    if fused and torch.is_grad_enabled():           # see fused_pass: its gradients differ
+        raise ValueError("fused=True is for inference: run it under torch.no_grad()")
+    steps, b, grad = steps or range(J + 1), model.cfg.block, torch.is_grad_enabled()
     cache = {j: model.new_cache() for j in steps}                    # one context per step
     held = {}                                                        # fused: block n − 1's write
     inputs = iter(inputs) if inputs is not None else (noise(0, n) for n in range(N))
@@ -539,8 +492,9 @@ def step_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t
                                      if j in held else
                                      model(x, σ[j], label, frame0=n * b, cache=cache[j])) + x0_bias
             x_next = add_noise(x0_hat, noise(j + 1, n), σ[j + 1]) if j + 1 < K else x0_hat
-            x_c, σ_c = {"next": (x_next, σ[j + 1]),                  # Eq. 9
-                        "current": (x, σ[j]), "clean": (x0_hat, 0.0)}[context_t]
+            x_c, σ_c = x_next, σ[j + 1]                             # Eq. 9, as above
+            if context_t != "next":
+                x_c, σ_c = (x, σ[j]) if context_t == "current" else (x0_hat, 0.0)
             if fused:
                 held[j] = (x_c.detach(), σ_c)                        # written by the next pass
             else:
@@ -548,9 +502,7 @@ def step_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t
             x = x_next
         yield x0_hat if steps[-1] == J else x
 
-# ================================================================================================
-# 8. Pipelined step-major sampler: the wavefront
-# ================================================================================================
+# ==== 8. Pipelined step-major sampler: the wavefront ==============================================
 # The cells of one anti-diagonal n + j are independent, so the steps can run as a pipeline:
 # stream s owns a group of steps (a KV cache each), takes block n from stream s − 1, runs its
 # steps and hands it on; stream s runs block n in time slot n + s. The N blocks finish in
@@ -574,10 +526,9 @@ def pipeline_schedule(N: int, K: int, S: int) -> list[dict]:
 def pipelined(model: VideoDiT, noise: Noise, frames: int, label=None, context_t: str = "next",
               streams: int = 2, threads_per_stream: int | None = 1, fused: bool = False,
               depth: int = 2):
-    """Step-major sampling as a wavefront on `streams` threads, one stage (a group of steps)
-    each, joined by queues of `depth` blocks. Every pass sees what it sees in `step_major`, so
-    on the CPU the video is bitwise the same (at `threads_per_stream` intra-op threads; None
-    keeps the caller's). On a GPU each thread runs on a CUDA stream of its own."""
+    """Step-major as a wavefront: `streams` threads (CUDA streams on a GPU), one stage each,
+    joined by queues of `depth` blocks. Every pass sees what it sees in `step_major`: the same
+    video, bitwise on the CPU at `threads_per_stream` intra-op threads (None: the caller's)."""
     groups, N = step_groups(noise.K, streams), frames // model.cfg.block
     pipes = [queue.Queue(maxsize=depth) for _ in range(streams + 1)]  # pipes[s]: into stage s
     stop, caller_threads = threading.Event(), torch.get_num_threads()
@@ -630,13 +581,11 @@ def sample_pipelined(model: VideoDiT, noise: Noise, frames: int, label=None, **k
     return torch.cat(list(pipelined(model, noise, frames, label, **kw)), 1)
 
 
-# ================================================================================================
-# 9. Losses
-# ================================================================================================
+# ==== 9. Losses ===================================================================================
 
 def flow_loss(model, x0, sigma, eps, label=None, causal: bool = False):
-    """Flow matching: L = ‖v_θ(x_σ, σ, label) − (ε − x0)‖², sigma (B,). Trains the teacher
-    (full attention, labels dropped at random for CFG) and the DMD critic (the fake score)."""
+    """Flow matching, L = ‖v_θ(x_σ, σ, label) − (ε − x0)‖², σ (B,): trains the teacher
+    (full attention, labels dropped at random for CFG) and the critic (the fake score)."""
     x_t = add_noise(x0, eps, sigma[:, None, None, None, None])
     return F.mse_loss(model(x_t, sigma, label, causal=causal), eps - x0)
 
@@ -644,10 +593,9 @@ def flow_loss(model, x0, sigma, eps, label=None, causal: bool = False):
 @torch.no_grad()
 def teacher_ode(teacher: VideoDiT, eps, keep: list[float], steps: int = 48, shift: float = 8.0,
                 label=None, guidance: float = 1.0):
-    """The teacher's probability-flow ODE dx/dσ = v from σ = 1 to 0: Euler steps on a shifted
-    grid (official ODE pairs: 48 steps, shift 8) that contains the levels `keep` (the student's
-    σ_j), with CFG `guidance` on `label`. eps (B, T, 3, H, W) → (states at `keep`
-    (B, len(keep), T, …) or None, x0)."""
+    """The teacher's ODE dx/dσ = v from σ = 1 to 0, Euler steps on a shifted grid (official: 48,
+    shift 8) through the levels `keep`, with CFG `guidance`. eps (B, T, 3, H, W) → (states at
+    `keep` (B, len(keep), T, …) or None, x0)."""
     grid = [float(shift_sigma(1 - i / steps, shift)) for i in range(steps + 1)]
     grid = sorted({round(s, 7) for s in grid + list(keep)}, reverse=True)
     want = {round(s, 7): i for i, s in enumerate(keep)}
@@ -670,13 +618,11 @@ def dmd_sigma(B: int, shift: float, generator=None, device=None, t_min: float = 
 
 def dmd_loss(x0, teacher: VideoDiT, critic: VideoDiT, shift: float, label=None,
              guidance: float = 1.0, generator=None, guidance_max_sigma: float = 1.0):
-    """Distribution matching distillation, the paper's reverse-KL term (after DMD2 and
-    Self-Forcing). Diffuse the student's video x0 (B, T, 3, H, W) to a level σ (`dmd_sigma`),
-    read the clean predictions of the real score (the frozen teacher, with CFG `guidance` where
-    σ <= `guidance_max_sigma`: guidance in an interval, Kynkäänniemi et al. 2024) and of the
-    fake score (the critic), and step x0 along their difference, normalised per video:
-        grad = (x0_fake − x0_real) / mean|x0 − x0_real|,   L = ½·‖x0 − sg(x0 − grad)‖²,
-    so ∂L/∂x0 ∝ grad moves x0 to where the teacher's distribution is denser than the student's."""
+    """DMD, the paper's reverse-KL term (after DMD2, Self-Forcing): diffuse the student's x0
+    (B, T, 3, H, W) to σ (`dmd_sigma`); read the real score (teacher, CFG `guidance` at σ <=
+    `guidance_max_sigma`: Kynkäänniemi et al. 2024) and the fake score (critic); then
+        grad = (x0_fake − x0_real) / mean|x0 − x0_real|, L = ½·‖x0 − sg(x0 − grad)‖²:
+    ∂L/∂x0 ∝ grad moves x0 where the teacher's distribution is denser than the student's."""
     B = x0.shape[0]
     with torch.no_grad():
         sigma = dmd_sigma(B, shift, generator, x0.device)                    # (B,)
@@ -692,14 +638,13 @@ def dmd_loss(x0, teacher: VideoDiT, critic: VideoDiT, shift: float, label=None,
 
 def chord_x0(x_a, x_b, sigma_a: float, sigma_b: float):
     """The x0 that carries x_a (at σ_a) to x_b (at σ_b) on a straight line — the chord of the
-    teacher's trajectory extrapolated to σ = 0: x0 = x_a − σ_a·(x_a − x_b) / (σ_a − σ_b)."""
+    teacher's trajectory taken to σ = 0: x0 = x_a − σ_a·(x_a − x_b) / (σ_a − σ_b)."""
     return x_a - sigma_a * (x_a - x_b) / (sigma_a - sigma_b)
 
 
 def fkl_loss(student: VideoDiT, x_start, x0_target, sigma0: float = 1.0, label=None,
              bidirectional: bool = True):
-    """Forward-KL regulariser (paper Eq. 10-11): regress the student's *first* step (σ_0, pure
-    noise) onto the teacher's ODE trajectory, L_FKL = ‖x0_θ(x_{σ_0}) − x0_ODE‖²; the generator
-    loss is L_DMD + λ·L_FKL (λ = 0.1). Bidirectional attention as the paper; the official code
-    keeps the block-causal mask (`False`). x_start, x0_target (B, T, 3, H, W)."""
+    """Forward KL (Eq. 10-11): regress the student's first step (σ_0) onto the teacher's
+    ODE, L_FKL = ‖x0_θ(x_σ0) − x0_ODE‖²; generator loss L_DMD + λ·L_FKL (λ = 0.1).
+    Bidirectional as the paper; the official code keeps the causal mask (`False`)."""
     return F.mse_loss(student.x0(x_start, sigma0, label, causal=not bidirectional), x0_target)

@@ -73,7 +73,7 @@ def load_checkpoint(path) -> dict:
 def model_from_checkpoint(ck: dict, path, key: str = "model") -> hiar.VideoDiT:
     """The network stored in a checkpoint dict (weights under `key`, else "model")."""
     try:
-        model = hiar.VideoDiT(hiar.Config.from_dict(ck["config"]))
+        model = hiar.VideoDiT(hiar.Config(**ck["config"]))
         model.load_state_dict({k: v.float() for k, v in ck.get(key, ck["model"]).items()})
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]

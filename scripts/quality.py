@@ -132,7 +132,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_ck = sample.load_checkpoint(sample.SHIPPED / "teacher.pt")
-    cfg = hiar.Config.from_dict(t_ck["config"])
+    cfg = hiar.Config(**t_ck["config"])
     ode_shift = float(t_ck.get("train", {}).get("ode_shift", 8.0))
     teacher = sample.model_from_checkpoint(t_ck, "teacher", "ema").eval()
     long = args.long * cfg.frames
