@@ -19,7 +19,7 @@ Map of this file, in reading order (section banners mirror it):
   8. Pipelined    the step-major wavefront on S threads
   9. Losses       flow matching, teacher ODE with CFG, DMD (reverse KL), forward KL
 
-Time convention, everywhere: σ ∈ [0, 1], x_σ = (1 − σ)·x0 + σ·ε; σ = 1 noise, σ = 0 data.
+Time convention: σ ∈ [0, 1], x_σ = (1 − σ)·x0 + σ·ε; σ = 1 is noise, σ = 0 data.
 The network predicts the velocity v = ε − x0, so x0_hat = x_σ − σ·v_hat.
 """
 from __future__ import annotations
