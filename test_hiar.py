@@ -968,7 +968,7 @@ def test_drift_score_scales_by_the_data_spread(long_data):
     assert sample.drift_score(fake, m).abs().max() == 0
     fake["background"] = (m["background"][0], torch.full_like(m["background"][1], 1.0))
     spread = m["background"][0].std()
-    assert sample.drift_score(fake, m).mean() == pytest.approx(1 / spread / len(sample.SCORED),
+    assert sample.drift_score(fake, m).mean().item() == pytest.approx(1 / spread.item() / len(sample.SCORED),
                                                                rel=1e-4)
     fake["background"] = (m["background"][0], torch.zeros_like(m["background"][1]))
     fake["jump"] = (m["jump"][0], torch.full_like(m["jump"][1], 1.0))
@@ -1103,6 +1103,11 @@ def test_critic_trains_on_the_dmd_query_levels_with_cfg(cfg, smoke_run, monkeypa
     assert [o["lr"] for o in opts] == [tc.gen_lr, tc.critic_lr]
     assert all(o["weight_decay"] == tc.weight_decay and o["betas"] == (0.0, 0.999) for o in opts)
     assert clips == [tc.grad_clip] * (tc.dmd_steps * (tc.critic_ratio + 1))
+    # the checkpoint's config says what was run (block-major: clean context), and it resumes
+    ck = sample.load_checkpoint(smoke_run.ckpt("s"))
+    assert ck["config"]["context_t"] == "clean" and ck["context_t"] == "clean"
+    assert train_toy.train_dmd(smoke_run, "s", teacher, random_model(cfg, 2), pairs, "block", 0.0,
+                               "clean") >= 0                                  # nothing to redo
 
 
 def test_default_dmd_recipe_is_the_official_one_scaled_to_the_toy():
@@ -1340,6 +1345,67 @@ def test_quality_measure_known_answers():
     assert quality.verdict(moved, data, data, data) == ["bg_change"]
 
 
+def _pins(path):
+    """{name: version} of a requirements / constraints file; every line must be NAME==VERSION."""
+    pins = {}
+    for line in (HERE / path).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"{path}: {line!r} is not pinned to an exact version"
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+def test_ci_installs_exactly_the_pins_and_they_are_what_runs():
+    """.ci/run installs the CPU torch pin, then the requirements under constraints.txt; every
+    requirement is pinned exactly, agrees with constraints.txt, and — in CI, on the machine it
+    installed — is the version that is installed now."""
+    from importlib.metadata import PackageNotFoundError, version
+    ci = (HERE / ".ci" / "run").read_text()
+    reqs = {**_pins("requirements.txt"), **_pins("requirements-notebooks.txt")}
+    cons = _pins("constraints.txt")
+    assert f"pip install -q torch=={reqs['torch']}" in ci
+    assert ("pip install -q -r requirements.txt -r requirements-notebooks.txt -c constraints.txt"
+            in ci)
+    readme = (HERE / "README.md").read_text()
+    assert "-r requirements.txt -r requirements-notebooks.txt -c constraints.txt" in readme
+    assert all(cons.get(k) == v for k, v in reqs.items()), [k for k in reqs if cons.get(k) != v]
+    wrong = []
+    for name, pinned in cons.items():
+        try:
+            have = version(name).split("+")[0]
+        except PackageNotFoundError:
+            have = None
+        if have != pinned:
+            wrong.append(f"{name}: pinned {pinned}, installed {have}")
+    assert not wrong, wrong
+
+
+def test_training_prints_progress_lines_without_a_terminal(tmp_path, capsys, monkeypatch):
+    """`python train_toy.py > log` (no terminal, tqdm silent) still shows the run moving: a line
+    when a stage starts and one at every 5 % of it."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    cfg = hiar.Config.preset("smoke")
+    run = train_toy.Run(tmp_path, cfg, train_toy.TrainConfig(**train_toy.TRAIN_PRESETS["smoke"]),
+                        torch.device("cpu"), 0)
+    train_toy.train_loop(run, "toy", 40, {}, lambda step: {"loss": 1.0 / (step + 1)})
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[toy] ")]
+    assert lines[0] == "[toy] 0/40" and len(lines) == 1 + 20 + 1      # start, 20 × 5 %, done
+    assert lines[1].startswith("[toy] 2/40 (5 %") and "loss 0.5" in lines[1]
+    assert lines[-2].startswith("[toy] 40/40 (100 %")
+
+
+def test_reports_carry_no_machine_paths():
+    """docs/ is read on other machines: no absolute path of this one in it; toy_report prints
+    the teacher's path relative to the repository."""
+    sys.path.insert(0, str(HERE / "scripts"))
+    import toy_report
+    assert toy_report.shown(HERE / "checkpoints" / "teacher.pt") == "checkpoints/teacher.pt"
+    for p in (HERE / "docs").glob("*.md"):
+        assert str(HERE) not in p.read_text() and "/work/" not in p.read_text(), p.name
+
+
 def test_ci_runs_exactly_the_readme_test_command():
     readme = (HERE / "README.md").read_text()
     ci = (HERE / ".ci" / "run").read_text()
@@ -1374,6 +1440,8 @@ def test_shipped_checkpoint_config_matches_its_note(path):
     for flag, key in (("--order", "order"), ("--context-t", "context_t")):
         if flag in note:
             assert note.split(flag, 1)[1].split()[0] == ck[key]
+    if "context_t" in ck:                    # a student's config holds the level it was run at
+        assert ck["config"]["context_t"] == ck["context_t"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -210,9 +210,12 @@ class Run:
             f.write(json.dumps(record) + "\n")
 
     def stamp(self, stage: str, extra: dict | None = None) -> dict:
-        """What every checkpoint of this run records about how it was made."""
-        return {"config": self.cfg.to_dict(), "train": asdict(self.tc), "seed": self.seed,
-                "stage": stage, **(extra or {})}
+        """What every checkpoint of this run records about how it was made. A student's config
+        holds the context level it was trained with (block-major: clean)."""
+        config = {**self.cfg.to_dict(), **{k: v for k, v in (extra or {}).items()
+                                            if k == "context_t"}}
+        return {"config": config, "train": asdict(self.tc), "seed": self.seed, "stage": stage,
+                **(extra or {})}
 
 
 def train_loop(run: Run, stage: str, steps: int, modules: dict, step_fn, every: int = 100,
@@ -225,7 +228,7 @@ def train_loop(run: Run, stage: str, steps: int, modules: dict, step_fn, every: 
     path, start = run.ckpt(stage), 0
     if path.exists():
         ck = load_checkpoint(path)
-        diff = config_diff(ck["config"], run.cfg.to_dict()) + config_diff(
+        diff = config_diff(ck["config"], run.stamp(stage, extra)["config"]) + config_diff(
             ck.get("train", {}), asdict(run.tc))
         if diff:
             raise CLIError(f"{path} was made with a different config ({'; '.join(diff)})")
@@ -241,26 +244,53 @@ def train_loop(run: Run, stage: str, steps: int, modules: dict, step_fn, every: 
                      "rng": torch.get_rng_state()}, path)
 
     t0, last = time.time(), {}
-    bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, dynamic_ncols=True,
-               disable=None)
-    for step in bar:
+    bar = Progress(stage, steps, start)
+    for step in range(start, steps):
         last = step_fn(step)
         bad = [k for k, v in last.items() if not math.isfinite(v)]
         if bad:
             bar.close()
             raise CLIError(f"stage {stage}: {bad[0]}={last[bad[0]]} at step {step}; "
                            f"stopped, the last good checkpoint is {path}")
-        bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()})
+        bar.update({k: f"{v:.4g}" for k, v in last.items()})
         if step % 10 == 0 or step == steps - 1:
             run.log({"stage": stage, "step": step, **last})
         if (step + 1) % every == 0 and step + 1 < steps:
             save(step + 1, False)
+    bar.close()
     save(steps, True)
     took = time.time() - t0
     summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
     print(f"[{stage}] done: {steps - start} steps in {took / 60:.1f} min; last {summary}")
     run.log({"stage": stage, "event": "done", "seconds": took, "steps": steps - start})
     return took
+
+
+class Progress:
+    """A tqdm bar on a terminal; without one (`python train_toy.py > log`, tqdm stays silent) a
+    plain line when the stage starts and at every 5 % of it, so a log shows the run moving."""
+
+    def __init__(self, desc: str, total: int, initial: int = 0):
+        self.desc, self.total, self.n, self.t0 = desc, total, initial, time.time()
+        self.every = max(1, total // 20)
+        self.bar = (tqdm(desc=desc, total=total, initial=initial, dynamic_ncols=True)
+                    if sys.stderr.isatty() else None)
+        if self.bar is None:
+            print(f"[{desc}] {initial}/{total}", flush=True)
+
+    def update(self, postfix: dict | None = None, n: int = 1):
+        self.n += n
+        if self.bar is not None:
+            self.bar.set_postfix(postfix or {}, refresh=False)
+            self.bar.update(n)
+        elif self.n // self.every > (self.n - n) // self.every or self.n == self.total:
+            extra = "".join(f", {k} {v}" for k, v in (postfix or {}).items())
+            print(f"[{self.desc}] {self.n}/{self.total} ({100 * self.n // self.total} %, "
+                  f"{(time.time() - self.t0) / 60:.1f} min{extra})", flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 class EMA:
@@ -372,7 +402,8 @@ def make_ode_pairs(run: Run, teacher: hiar.VideoDiT) -> float:
     g = torch.Generator().manual_seed(run.seed + 1)
     sig = hiar.student_sigmas(cfg.K, cfg.shift)[:-1]
     states, finals, labels = [], [], []
-    for i in tqdm(range(0, tc.ode_pairs, tc.batch), desc="ode_pairs", disable=None):
+    bar = Progress("ode_pairs", tc.ode_pairs)
+    for i in range(0, tc.ode_pairs, tc.batch):
         B = min(tc.batch, tc.ode_pairs - i)
         eps = torch.randn(B, cfg.frames, 3, cfg.size, cfg.size, generator=g).to(run.device)
         label = torch.randint(cfg.labels, (B,), generator=g) if cfg.labels else None
@@ -381,6 +412,8 @@ def make_ode_pairs(run: Run, teacher: hiar.VideoDiT) -> float:
         states.append(st.cpu())
         finals.append(x0.cpu())
         labels.append(label if label is not None else torch.full((B,), -1))
+        bar.update(n=B)
+    bar.close()
     states, finals = torch.cat(states), torch.cat(finals)     # (M, K, T, 3, H, W), (M, T, …)
     if not torch.isfinite(states).all():
         raise CLIError("stage ode_pairs: the teacher produced non-finite values; nothing saved")

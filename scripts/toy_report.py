@@ -113,6 +113,13 @@ def recoverable(teacher, cfg, num, sigmas):
     return {s: (1 - (e / prior).clamp(max=1)).mean().item() for s, e in errs.items()}
 
 
+def shown(path) -> str:
+    """A path as the report prints it: relative to the repository when inside it (a report must
+    not carry the machine it was made on)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else p.name
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--teacher", default=str(ROOT / "checkpoints" / "teacher.pt"))
@@ -125,7 +132,7 @@ def main(argv=None):
     teacher = sample.model_from_checkpoint(ck, args.teacher, "ema").eval()
     cfg = teacher.cfg
     out = [f"# Toy report: the teacher against the data, and the schedule\n",
-           f"Teacher: `{args.teacher}` ({ck.get('note', 'no note')}).\n",
+           f"Teacher: `{shown(args.teacher)}` ({ck.get('note', 'no note')}).\n",
            "## 1. Teacher samples against the data\n",
            "A clip's appearance *persists* if, from its first block to its last (medians over "
            "each block's frames), the background moves less than 0.03 and each blob "
