@@ -800,6 +800,46 @@ def test_dmd_loss_gradient_is_the_normalised_score_difference(cfg):
     assert torch.allclose(x0.grad, expected, atol=1e-6, rtol=1e-3)
 
 
+def test_dmd_guidance_only_below_a_level(cfg):
+    """guidance_max_sigma (guidance in an interval, Kynkäänniemi et al. 2024): queries above it
+    see the conditional teacher (w = 1); at 1 every query is guided; at 0 none is."""
+    teacher, critic = random_model(cfg, 1), random_model(cfg, 2)
+    x0 = torch.randn(4, cfg.frames, 3, cfg.size, cfg.size)
+    lab = torch.tensor([0, 1, 0, 1])
+
+    def loss(**kw):
+        return hiar.dmd_loss(x0, teacher, critic, 1.0, lab, generator=torch.Generator()
+                             .manual_seed(0), **kw).item()
+    assert loss(guidance=3.0, guidance_max_sigma=1.0) == pytest.approx(loss(guidance=3.0))
+    assert loss(guidance=3.0, guidance_max_sigma=0.0) == pytest.approx(loss(guidance=1.0))
+    sigma = hiar.dmd_sigma(4, 1.0, torch.Generator().manual_seed(0))
+    cut = float(sigma.sort().values[1:3].mean())              # two queries below, two above
+    mixed = loss(guidance=3.0, guidance_max_sigma=cut)
+    assert mixed not in (pytest.approx(loss(guidance=3.0)), pytest.approx(loss(guidance=1.0)))
+
+
+def test_lever_fields_default_to_the_official_recipe_and_snapshots_are_written(smoke_run, cfg):
+    """The DMD levers are TrainConfig fields (--set): the real score's guidance (official 3),
+    guidance at every level, no snapshots; snapshot_every=N keeps the EMA every N steps as a
+    loadable student."""
+    tc = train_toy.TrainConfig()
+    assert (tc.dmd_guidance, tc.guidance_max_sigma, tc.snapshot_every) == (3.0, 1.0, 0)
+    run = train_toy.Run(smoke_run.path / "snap", cfg, train_toy.TrainConfig(
+        **{**train_toy.TRAIN_PRESETS["smoke"], "snapshot_every": 2}), torch.device("cpu"), 0)
+    pairs = {"states": torch.randn(4, cfg.K, cfg.frames, 3, cfg.size, cfg.size),
+             "x0": torch.randn(4, cfg.frames, 3, cfg.size, cfg.size),
+             "sigmas": torch.tensor(hiar.student_sigmas(cfg.K, cfg.shift)[:-1]),
+             "label": torch.tensor([0, 1, 0, 1])}
+    train_toy.train_dmd(run, "s", random_model(cfg, 1), random_model(cfg, 2), pairs, "step",
+                        0.1, "next")
+    snaps = sorted(p.name for p in run.path.glob("s_ema*.pt"))
+    assert snaps == ["s_ema2.pt", "s_ema4.pt"]
+    model, meta = sample.load_student(str(run.path / "s_ema4.pt"), "cpu")
+    final = sample.load_checkpoint(run.ckpt("s"))["ema"]
+    assert all(torch.equal(v, final[k].half().float()) for k, v in model.state_dict().items())
+    assert meta["order"] == "step" and meta["stage"] == "s"
+
+
 def test_dmd_loss_vanishes_when_critic_equals_teacher_without_guidance(cfg):
     teacher = random_model(cfg, 1)
     x0 = torch.randn(2, cfg.frames, 3, cfg.size, cfg.size, requires_grad=True)
