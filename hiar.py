@@ -13,7 +13,7 @@ Map of this file, in reading order (section banners mirror it):
   3. Schedule     flow matching, σ-shift, the student's K-step σ list
   4. Model        a video transformer: adaLN per frame, block-causal or full attention,
                   temporal RoPE, KV cache with a rolling window
-  5. Noise        ε[j, n] per video, block and step, drawn on demand
+  5. Pieces       noise ε[j, n] per video, block and step, drawn on demand; the context write
   6. Block-major  the CausVid / Self-Forcing sampler
   7. Step-major   the HiAR sampler (Alg. 1, Eq. 9), streamed, and the fused pass
   8. Pipelined    the step-major wavefront on S threads
@@ -359,7 +359,7 @@ class VideoDiT(nn.Module):
         return x - s[..., None, None, None] * v                     # x0_hat = x_σ − σ·v_hat
 
 
-# ==== 5. Noise: ε[j, n] per video, drawn on demand ===============================================
+# ==== 5. Sampler pieces: noise ε[j, n] per video, the context write ==============================
 # Cell (n, j) denoises block n from σ_j (x0_hat = x − σ_j·v_hat) and re-noises x0_hat to
 # σ_{j+1} with fresh noise ε[j + 1, n] (SDE-style, as Self-Forcing). ε has a seed per video,
 # block and step (EDM's per-sample seeding): every order, pipeline and batch draw the same.
