@@ -1,0 +1,56 @@
+"""The lever table of issue 17: one row per lever and EMA snapshot, on scripts/quality.py's
+measure, from the quality.json that quality.py wrote for each lever run.
+
+    python scripts/quality.py --ckpt runs/g1/self_forcing_ema*.pt:block --out runs/g1/quality.md
+    python scripts/levers.py docs/levers/*.json > docs/levers_table.md
+
+Each json is named for its lever (g1.json: guidance 1, …); the rows keep quality.py's columns
+and its verdict (the targets missed, relative to the teacher at the run's real-score guidance).
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+COLUMNS = ("bg_change", "blobs", "value", "radius")
+LONG = ("spread_min", "in_range")
+
+
+def rows(path: Path) -> list[str]:
+    q = json.loads(path.read_text())
+    out = []
+    for name, r in q["rows"].items():
+        if "miss" not in r:                     # data and teacher rows: in the header table
+            continue
+        step = re.search(r"_ema(\d+)\.pt", name)
+        cells = [f"{r['1x'][k]:.3f}" for k in COLUMNS] + [f"{r['long'][k]:.3f}" for k in LONG]
+        out.append(f"| {path.stem} | {step.group(1) if step else 'final'} | {r['order']} | "
+                   f"{r['guidance']:g} | " + " | ".join(cells)
+                   + f" | {', '.join(r['miss']) or 'none'} |")
+    return out
+
+
+def main(paths):
+    paths = [Path(p) for p in paths]
+    first = json.loads(paths[0].read_text())
+    print(f"Lever runs on scripts/quality.py's measure ({first['num']} clips, sampling seed 0; "
+          f"long = {first['long']}×). Reference rows:\n")
+    print("| row | 1×: bg change | blobs / frame | value | radius | long: label spread (min) | "
+          "long: in range |\n|---|---|---|---|---|---|---|")
+    for name, r in first["rows"].items():
+        if "miss" in r:
+            continue
+        long = [f"{r['long'][k]:.3f}" for k in LONG] if r.get("long") else ["–", "–"]
+        print(f"| {name} | " + " | ".join(f"{r['1x'][k]:.3f}" for k in COLUMNS) + " | "
+              + " | ".join(long) + " |")
+    print("\n| lever | generator step | order | real-score CFG | 1×: bg change | blobs | value | "
+          "radius | long: spread (min) | long: in range | misses |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for p in paths:
+        print("\n".join(rows(p)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
