@@ -42,8 +42,7 @@ SAMPLER_FIELDS = ("K", "shift", "window", "context_t")  # may differ between tea
 
 @dataclass
 class Config:
-    """The data, the network and the sampler (the training budget: train_toy.TrainConfig).
-    What a user types is checked where they type it (sample.make_config)."""
+    """Data, network, sampler (training: train_toy.TrainConfig); user input: sample.make_config"""
     # toy data: `shapes` Gaussian blobs on a tinted background, bouncing in a size×size box;
     # every appearance attribute is drawn per clip from a (low, high) range (see moving_shapes)
     size: int = 16            # frame height = width, pixels
@@ -63,8 +62,7 @@ class Config:
     heads: int = 4
     # sampler
     K: int = 4                # student denoising steps (paper: 4)
-    shift: float = 1.0        # σ-shift of the student's steps (paper: 5; the toy's is measured in
-    #                           docs/toy_report.md: σ = [1, 0.75, 0.5, 0.25])
+    shift: float = 1.0        # σ-shift of the student's steps (paper 5; toy: docs/toy_report.md)
     window: int = 0           # rolling attention window, frames incl. the current block (0: frames)
     context_t: str = "next"   # context level of the step-major sampler: current | next | clean
 
@@ -423,7 +421,8 @@ def block_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_
                 x0_hat = x - σ[j] * model(x, σ[j], label, frame0=n * b, cache=cache) + x0_bias
             if j < J:
                 x = add_noise(x0_hat, noise(j + 1, n), σ[j + 1])      # re-noise to σ_{j+1}
-        write(model, cache, x0_hat, 0.0, n, label)                    # clean context, t_c = 0
+        if n + 1 < N:                                                 # the last is no context
+            write(model, cache, x0_hat, 0.0, n, label)                # clean context, t_c = 0
         yield x0_hat
 
 
@@ -454,7 +453,8 @@ def sample_step_major(model: VideoDiT, noise: Noise, frames: int, label=None,
             x_c, σ_c = x_next, σ[j + 1]              # Eq. 9: context at the step's output level
             if context_t != "next":                  # Table 2's other levels: t_j, or clean
                 x_c, σ_c = (x[n], σ[j]) if context_t == "current" else (x0_hat, 0.0)
-            write(model, cache, x_c, σ_c, n, label)
+            if n + 1 < N:                            # the last block is no one's context
+                write(model, cache, x_c, σ_c, n, label)
             out[n], x[n] = x0_hat, x_next
     return torch.cat(out, 1)
 
@@ -497,7 +497,7 @@ def step_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t
                 x_c, σ_c = (x, σ[j]) if context_t == "current" else (x0_hat, 0.0)
             if fused:
                 held[j] = (x_c.detach(), σ_c)                        # written by the next pass
-            else:
+            elif n + 1 < N:
                 write(model, cache[j], x_c, σ_c, n, label)
             x = x_next
         yield x0_hat if steps[-1] == J else x

@@ -655,7 +655,8 @@ def adopt_shipped_init(run: Run) -> bool:
         return False
     save_atomic({**ck, "model": {k: v.float() for k, v in ck["model"].items()}, "done": True,
                  "shipped": str(path)}, run.ckpt("ode_init"))
-    print(f"ode_init: the shipped {path} (same config and seed; --from-scratch retrains it)")
+    print("ode_init: the shipped checkpoints/ode_init.pt (same config and seed; --from-scratch "
+          "retrains it)")
     return True
 
 

@@ -142,6 +142,12 @@ def load_evidence(path: Path) -> dict:
     return ev
 
 
+def repo_path(path) -> str:
+    """A path as evidence.json records it: relative to the repository when inside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds")
@@ -183,16 +189,17 @@ def main(argv=None):
     frames = lengths[-1]
     if not rows:                                    # --rows "": the GIF alone
         return side_by_side_gif(models, cfg, frames, out / "drift_40x.gif")
-    same = {k: v for k, v in vars(args).items()
+    recorded = {**vars(args), "ckpt_dir": repo_path(ckdir), "out": repo_path(out)}
+    same = {k: v for k, v in recorded.items()
             if k not in ("rows", "table_only", "threads", "gif")}
     old = load_evidence(out / "evidence.json") if (out / "evidence.json").exists() else None
     if args.rows is not None and old and {k: old["args"].get(k) for k in same} == same:
         ev = old                                    # --rows: recompute these rows, keep the rest
-        ev["args"] = vars(args)
+        ev["args"] = recorded
     else:
         data_res, data_curves = run_row({}, ["data"], None, None, 0.0, args.seeds, args.num,
                                         frames, lengths, cfg)
-        ev = {"args": vars(args), "lengths": lengths, "rows": {}, "curves": {}}
+        ev = {"args": recorded, "lengths": lengths, "rows": {}, "curves": {}}
         ev["data_spread"] = {str(L): spread_of(data_res[L]) for L in lengths}
         ev["rows"]["data"] = {L: {"measures": combine(data_res[L]), "ckpts": [],
                                   "score": scores(data_res[L], ev["data_spread"][str(L)]),

@@ -18,10 +18,16 @@ COLUMNS = ("bg_change", "blobs", "value", "radius")
 LONG = ("spread_min", "in_range")
 
 
+def step_of(name: str) -> int:
+    """The generator step of an EMA snapshot's row (`…_ema150.pt, block-major` → 150)."""
+    m = re.search(r"_ema(\d+)\.pt", name)
+    return int(m.group(1)) if m else 10 ** 9
+
+
 def rows(path: Path) -> list[str]:
     q = json.loads(path.read_text())
     out = []
-    for name, r in q["rows"].items():
+    for name, r in sorted(q["rows"].items(), key=lambda kv: step_of(kv[0])):
         if "miss" not in r:                     # data and teacher rows: in the header table
             continue
         step = re.search(r"_ema(\d+)\.pt", name)
