@@ -617,10 +617,10 @@ def dmd_sigma(B: int, shift: float, generator=None, device=None, t_min: float = 
 
 
 def dmd_loss(x0, teacher: VideoDiT, critic: VideoDiT, shift: float, label=None,
-             guidance: float = 1.0, generator=None, guidance_max_sigma: float = 1.0):
+             guidance: float = 1.0, generator=None, guidance_sigmas=(0.0, 1.0)):
     """DMD, the paper's reverse-KL term (after DMD2, Self-Forcing): diffuse the student's x0
-    (B, T, 3, H, W) to σ (`dmd_sigma`); read the real score (teacher, CFG `guidance` at σ <=
-    `guidance_max_sigma`: Kynkäänniemi et al. 2024) and the fake score (critic); then
+    (B, T, 3, H, W) to σ (`dmd_sigma`); read the real score (teacher, CFG `guidance` at σ in
+    the interval `guidance_sigmas`: Kynkäänniemi et al. 2024) and the fake score (critic); then
         grad = (x0_fake − x0_real) / mean|x0 − x0_real|, L = ½·‖x0 − sg(x0 − grad)‖²:
     ∂L/∂x0 ∝ grad moves x0 where the teacher's distribution is denser than the student's."""
     B = x0.shape[0]
@@ -628,7 +628,8 @@ def dmd_loss(x0, teacher: VideoDiT, critic: VideoDiT, shift: float, label=None,
         sigma = dmd_sigma(B, shift, generator, x0.device)                    # (B,)
         eps = torch.randn(x0.shape, generator=generator).to(x0.device)
         x_t = add_noise(x0, eps, sigma[:, None, None, None, None])
-        w = torch.where(sigma <= guidance_max_sigma, guidance, 1.0)         # (B,)
+        lo, hi = guidance_sigmas
+        w = torch.where((sigma >= lo) & (sigma <= hi), guidance, 1.0)       # (B,)
         x0_real = teacher.x0(x_t, sigma, label, w, causal=False)
         x0_fake = critic.x0(x_t, sigma, label, causal=False)
         norm = (x0 - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
@@ -637,8 +638,7 @@ def dmd_loss(x0, teacher: VideoDiT, critic: VideoDiT, shift: float, label=None,
 
 
 def chord_x0(x_a, x_b, sigma_a: float, sigma_b: float):
-    """The x0 that carries x_a (at σ_a) to x_b (at σ_b) on a straight line — the chord of the
-    teacher's trajectory taken to σ = 0: x0 = x_a − σ_a·(x_a − x_b) / (σ_a − σ_b)."""
+    """The x0 that carries x_a (σ_a) to x_b (σ_b) on a line: the chord of the teacher's ODE."""
     return x_a - sigma_a * (x_a - x_b) / (sigma_a - sigma_b)
 
 

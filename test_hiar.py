@@ -801,9 +801,10 @@ def test_dmd_loss_gradient_is_the_normalised_score_difference(cfg):
     assert torch.allclose(x0.grad, expected, atol=1e-6, rtol=1e-3)
 
 
-def test_dmd_guidance_only_below_a_level(cfg):
-    """guidance_max_sigma (guidance in an interval, Kynkäänniemi et al. 2024): queries above it
-    see the conditional teacher (w = 1); at 1 every query is guided; at 0 none is."""
+def test_dmd_guidance_only_inside_an_interval(cfg):
+    """guidance_sigmas (guidance in an interval, Kynkäänniemi et al. 2024): queries outside it
+    see the conditional teacher (w = 1); (0, 1) guides every query, (0, 0) none; an interval
+    from below and one from above split the queries between them."""
     teacher, critic = random_model(cfg, 1), random_model(cfg, 2)
     x0 = torch.randn(4, cfg.frames, 3, cfg.size, cfg.size)
     lab = torch.tensor([0, 1, 0, 1])
@@ -811,12 +812,18 @@ def test_dmd_guidance_only_below_a_level(cfg):
     def loss(**kw):
         return hiar.dmd_loss(x0, teacher, critic, 1.0, lab, generator=torch.Generator()
                              .manual_seed(0), **kw).item()
-    assert loss(guidance=3.0, guidance_max_sigma=1.0) == pytest.approx(loss(guidance=3.0))
-    assert loss(guidance=3.0, guidance_max_sigma=0.0) == pytest.approx(loss(guidance=1.0))
+    assert loss(guidance=3.0, guidance_sigmas=(0.0, 1.0)) == pytest.approx(loss(guidance=3.0))
+    assert loss(guidance=3.0, guidance_sigmas=(0.0, 0.0)) == pytest.approx(loss(guidance=1.0))
     sigma = hiar.dmd_sigma(4, 1.0, torch.Generator().manual_seed(0))
     cut = float(sigma.sort().values[1:3].mean())              # two queries below, two above
-    mixed = loss(guidance=3.0, guidance_max_sigma=cut)
-    assert mixed not in (pytest.approx(loss(guidance=3.0)), pytest.approx(loss(guidance=1.0)))
+    below, above = loss(guidance=3.0, guidance_sigmas=(0.0, cut)), \
+        loss(guidance=3.0, guidance_sigmas=(cut, 1.0))
+    for mixed in (below, above):
+        assert mixed not in (pytest.approx(loss(guidance=3.0)), pytest.approx(loss(guidance=1.0)))
+    # the loss is a mean over the batch: the two halves add up to the fully guided loss's parts
+    assert below + above == pytest.approx(loss(guidance=3.0) + loss(guidance=1.0), rel=1e-5)
+    with pytest.raises(ValueError, match="guidance_min_sigma"):
+        train_toy.TrainConfig(guidance_min_sigma=0.8, guidance_max_sigma=0.5)
 
 
 def test_lever_fields_default_to_the_official_recipe_and_snapshots_are_written(smoke_run, cfg):
@@ -824,7 +831,8 @@ def test_lever_fields_default_to_the_official_recipe_and_snapshots_are_written(s
     guidance at every level, no snapshots; snapshot_every=N keeps the EMA every N steps as a
     loadable student."""
     tc = train_toy.TrainConfig()
-    assert (tc.dmd_guidance, tc.guidance_max_sigma, tc.snapshot_every) == (3.0, 1.0, 0)
+    assert (tc.dmd_guidance, tc.guidance_min_sigma, tc.guidance_max_sigma,
+            tc.snapshot_every) == (3.0, 0.0, 1.0, 0)
     run = train_toy.Run(smoke_run.path / "snap", cfg, train_toy.TrainConfig(
         **{**train_toy.TRAIN_PRESETS["smoke"], "snapshot_every": 2}), torch.device("cpu"), 0)
     pairs = {"states": torch.randn(4, cfg.K, cfg.frames, 3, cfg.size, cfg.size),
@@ -1118,9 +1126,9 @@ def test_critic_trains_on_the_dmd_query_levels_with_cfg(cfg, smoke_run, monkeypa
         flow_sigmas.append(sigma.clone())
         return real_flow(model, x0, sigma, eps, label, causal)
 
-    def spy_dmd(x0, t, c, shift, label=None, guidance=1.0, generator=None, max_sigma=1.0):
-        dmd_guidance.append((guidance, shift, label is not None, max_sigma))
-        return real_dmd(x0, t, c, shift, label, guidance, generator, max_sigma)
+    def spy_dmd(x0, t, c, shift, label=None, guidance=1.0, generator=None, sigmas=(0.0, 1.0)):
+        dmd_guidance.append((guidance, shift, label is not None, sigmas))
+        return real_dmd(x0, t, c, shift, label, guidance, generator, sigmas)
     dmd_levels = []
     real_sigma = hiar.dmd_sigma
     monkeypatch.setattr(hiar, "dmd_sigma", lambda *a, **k: dmd_levels.append(1) or
@@ -1137,7 +1145,8 @@ def test_critic_trains_on_the_dmd_query_levels_with_cfg(cfg, smoke_run, monkeypa
     tc = smoke_run.tc
     assert len(flow_sigmas) == tc.dmd_steps * tc.critic_ratio
     assert len(dmd_levels) == len(flow_sigmas) + tc.dmd_steps   # critic + DMD levels: one source
-    assert all(g == (tc.dmd_guidance, tc.dmd_shift, True, tc.guidance_max_sigma)
+    assert all(g == (tc.dmd_guidance, tc.dmd_shift, True,
+                     (tc.guidance_min_sigma, tc.guidance_max_sigma))
                for g in dmd_guidance)
     # the official optimiser settings: AdamW (0, 0.999) with weight decay, both clipped at
     # grad_clip; the critic's lr is its own (official: 0.15 × the generator's)

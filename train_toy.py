@@ -68,7 +68,8 @@ class TrainConfig:
     fkl_weight: float = 0.1      # λ of Eq. 11 (paper: 0.1); 0 turns the forward-KL term off
     fkl_mode: str = "bidirectional"  # student attention in the FKL term: bidirectional | causal
     dmd_guidance: float = 3.0    # the real score's CFG w in DMD (official 3.0 = s; w = s + 1)
-    guidance_max_sigma: float = 1.0  # real-score CFG only at σ <= this (1: at every level)
+    guidance_min_sigma: float = 0.0  # real-score CFG only at σ in [min, max] (Kynkäänniemi
+    guidance_max_sigma: float = 1.0  # et al. 2024's interval; 0, 1: at every level)
     snapshot_every: int = 0      # keep the EMA weights every N generator steps (0: off)
     ema: float = 0.99
     ema_start: int = 100
@@ -96,6 +97,8 @@ class TrainConfig:
             need(getattr(self, name) > 0, name, "must be > 0")
         need(self.label_dropout < 1, "label_dropout", "must be in [0, 1)")
         need(self.ema < 1, "ema", "must be in [0, 1)")
+        need(self.guidance_min_sigma <= self.guidance_max_sigma, "guidance_min_sigma",
+             f"must be <= guidance_max_sigma={self.guidance_max_sigma}")
         need(self.fkl_mode in ("bidirectional", "causal"), "fkl_mode",
              "must be 'bidirectional' or 'causal'")
 
@@ -528,7 +531,7 @@ def train_dmd(run: Run, stage: str, teacher, init: hiar.VideoDiT, pairs: dict, o
         exit_step = int(torch.randint(cfg.K, (1,), generator=g))   # shared by all blocks
         x0 = rollout(gen, run, order, context_t, g, label, exit_step)
         loss = d_loss = hiar.dmd_loss(x0, teacher, critic, tc.dmd_shift, label, tc.dmd_guidance,
-                                      g, tc.guidance_max_sigma)
+                                      g, (tc.guidance_min_sigma, tc.guidance_max_sigma))
         logs = {"dmd": d_loss.item(), "critic": c_loss.item()}
         if fkl_weight > 0:
             idx = torch.randint(len(fkl_target), (tc.dmd_batch,), generator=g)
