@@ -1511,3 +1511,17 @@ def test_notebook_runs_top_to_bottom(name):
               if o.get("output_type") == "error"]
     assert not errors
     print(f"{name}.ipynb: {time.time() - t:.0f} s")
+
+
+def test_cfg_direction_averages_over_background_pixels_per_label():
+    """scripts/cfg_direction.py: a difference that is +1 red on background pixels and +5 on
+    bright (blob) pixels reads +1 red for each label: blob pixels are left out."""
+    sys.path.insert(0, str(HERE / "scripts"))
+    import cfg_direction
+    x0 = -torch.ones(4, 2, 3, 4, 4)                                  # dark ground everywhere
+    x0[:, :, :, 0, 0] = 1.0                                          # one bright blob pixel
+    d = torch.zeros_like(x0)
+    d[:, :, 0] = 1.0
+    d[:, :, 0, 0, 0] = 5.0
+    out = cfg_direction.background_mean(d, x0, torch.tensor([0, 1, 0, 1]), 2)
+    assert out == [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
