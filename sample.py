@@ -26,6 +26,13 @@ import hiar
 HERE = Path(__file__).resolve().parent
 SHIPPED = HERE / "checkpoints"
 
+
+def repo_path(path) -> str:
+    """A path as reports and logs write it: relative to the repository when inside it, so what
+    they print does not carry the machine it was made on; otherwise as given, resolved."""
+    p = Path(path).resolve()
+    return str(p.relative_to(HERE)) if p.is_relative_to(HERE) else str(p)
+
 # ------------------------------------------------------------------------------------------------
 # Shared by the scripts: one error type, device choice, one checkpoint loader
 # ------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import hiar
 from sample import (SHIPPED, CLIError, grid_frames, load_checkpoint, make_config,
-                    model_from_checkpoint, pick_device, save_gif, to_uint8)
+                    model_from_checkpoint, pick_device, repo_path, save_gif, to_uint8)
 
 # ------------------------------------------------------------------------------------------------
 # The training budget and recipe (hiar.Config holds the data, the network and the sampler)
@@ -657,8 +657,8 @@ def adopt_shipped_init(run: Run) -> bool:
     if init_diff(ck, run) or ck.get("seed") != run.seed:
         return False
     save_atomic({**ck, "model": {k: v.float() for k, v in ck["model"].items()}, "done": True,
-                 "shipped": str(path)}, run.ckpt("ode_init"))
-    print("ode_init: the shipped checkpoints/ode_init.pt (same config and seed; --from-scratch "
+                 "shipped": repo_path(path)}, run.ckpt("ode_init"))
+    print(f"ode_init: the shipped {repo_path(path)} (same config and seed; --from-scratch "
           "retrains it)")
     return True
 

@@ -142,12 +142,6 @@ def load_evidence(path: Path) -> dict:
     return ev
 
 
-def repo_path(path) -> str:
-    """A path as evidence.json records it: relative to the repository when inside it."""
-    p = Path(path).resolve()
-    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds")
@@ -189,7 +183,7 @@ def main(argv=None):
     frames = lengths[-1]
     if not rows:                                    # --rows "": the GIF alone
         return side_by_side_gif(models, cfg, frames, out / "drift_40x.gif")
-    recorded = {**vars(args), "ckpt_dir": repo_path(ckdir), "out": repo_path(out)}
+    recorded = {**vars(args), "ckpt_dir": sample.repo_path(ckdir), "out": sample.repo_path(out)}
     same = {k: v for k, v in recorded.items()
             if k not in ("rows", "table_only", "threads", "gif")}
     old = load_evidence(out / "evidence.json") if (out / "evidence.json").exists() else None

@@ -18,21 +18,20 @@ COLUMNS = ("bg_change", "blobs", "value", "radius")
 LONG = ("spread_min", "in_range")
 
 
-def step_of(name: str) -> int:
-    """The generator step of an EMA snapshot's row (`…_ema150.pt, block-major` → 150)."""
+def step_of(name: str) -> int | None:
+    """The generator step of an EMA snapshot's row (`…_ema150.pt, block-major` → 150); None for
+    a run's final weights."""
     m = re.search(r"_ema(\d+)\.pt", name)
-    return int(m.group(1)) if m else 10 ** 9
+    return int(m.group(1)) if m else None
 
 
 def rows(path: Path) -> list[str]:
     q = json.loads(path.read_text())
     out = []
-    for name, r in sorted(q["rows"].items(), key=lambda kv: step_of(kv[0])):
-        if "miss" not in r:                     # data and teacher rows: in the header table
-            continue
-        step = re.search(r"_ema(\d+)\.pt", name)
+    students = [(step_of(name), r) for name, r in q["rows"].items() if "miss" in r]
+    for step, r in sorted(students, key=lambda sr: 10 ** 9 if sr[0] is None else sr[0]):
         cells = [f"{r['1x'][k]:.3f}" for k in COLUMNS] + [f"{r['long'][k]:.3f}" for k in LONG]
-        out.append(f"| {path.stem} | {step.group(1) if step else 'final'} | {r['order']} | "
+        out.append(f"| {path.stem} | {'final' if step is None else step} | {r['order']} | "
                    f"{r['guidance']:g} | " + " | ".join(cells)
                    + f" | {', '.join(r['miss']) or 'none'} |")
     return out

@@ -116,8 +116,8 @@ def recoverable(teacher, cfg, num, sigmas):
 def shown(path) -> str:
     """A path as the report prints it: relative to the repository when inside it (a report must
     not carry the machine it was made on)."""
-    p = Path(path).resolve()
-    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else p.name
+    shown_path = Path(sample.repo_path(path))
+    return shown_path.name if shown_path.is_absolute() else str(shown_path)
 
 
 def main(argv=None):
