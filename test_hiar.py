@@ -146,7 +146,7 @@ def test_config_validation_names_field_value_and_rule(field, value, words):
     ("fkl_mode", "both", "bidirectional"), ("ode_shift", -1.0, ">= 0"), ("dmd_shift", 0, "> 0"),
     ("fkl_weight", -0.1, ">= 0"), ("ema", 1.0, "[0, 1)"), ("batch", 0, "integer >= 1"),
     ("amp", 1, "true or false"), ("label_dropout", 1.0, "[0, 1)"),
-    ("rollout_frames", -3, "integer >= 0")])
+    ("rollout_frames", -3, "integer >= 0"), ("ema_start", -1, "integer >= 0")])
 def test_train_config_validation(field, value, words):
     with pytest.raises(ValueError) as e:
         train_toy.TrainConfig(**{field: value})
@@ -1393,6 +1393,17 @@ def test_quality_measure_known_answers():
     assert quality.verdict(data, data, data, data) == []
     assert quality.verdict(data, collapsed, data, data) == ["spread", "in_range"]
     assert quality.verdict(moved, data, data, data) == ["bg_change"]
+
+
+def test_quality_cli_errors_are_one_line_and_come_before_any_work(tmp_path):
+    cases = (["--ckpt", str(tmp_path / "none.pt") + ":block"], ["--ckpt", "ode_init"],
+             ["--ckpt", "ode_init:sideways"], ["--ckpt"], ["--num", "0"], ["--long", "0"],
+             ["--guidance", "0"], ["--out", str(tmp_path)], ["--out", "/proc/x/q.md"])
+    for case in cases:
+        r = run_cli("scripts/quality.py", *case)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), \
+            (case, r.stderr)
 
 
 def _pins(path):

@@ -34,7 +34,7 @@ from sample import (SHIPPED, CLIError, grid_frames, load_checkpoint, make_config
 # ------------------------------------------------------------------------------------------------
 
 
-ZERO_OK = ("rollout_frames", "snapshot_every")    # integer fields where 0 means 'off'
+ZERO_OK = ("rollout_frames", "snapshot_every", "ema_start")   # integer fields where 0 is allowed
 
 
 @dataclass
@@ -72,7 +72,7 @@ class TrainConfig:
     guidance_max_sigma: float = 1.0  # et al. 2024's interval; 0, 1: at every level)
     snapshot_every: int = 0      # keep the EMA weights every N generator steps (0: off)
     ema: float = 0.99
-    ema_start: int = 100
+    ema_start: int = 100         # generator steps before the EMA starts to average (0: at once)
     ckpt_every: int = 100        # training steps between checkpoints (DMD: a fifth of it)
 
     def __post_init__(self):

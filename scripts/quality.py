@@ -119,6 +119,30 @@ def fmt(d: dict | None) -> list[str]:
     return [f"{d[k]:.3f}" if k in d else "–" for k in COLUMNS]
 
 
+def check_args(args) -> list[tuple[str, str]]:
+    """Every argument checked before any work (one-line errors); returns the rows to measure."""
+    for flag in ("num", "long", "threads"):
+        if getattr(args, flag) < 1:
+            raise sample.CLIError(f"--{flag} {getattr(args, flag)}: must be >= 1")
+    if any(not w > 0 for w in args.guidance):
+        raise sample.CLIError(f"--guidance {args.guidance}: every scale must be > 0")
+    if args.ckpt is None:
+        rows = shipped_rows()
+    else:
+        if not args.ckpt:
+            raise sample.CLIError("--ckpt: give at least one PATH:ORDER (none matched?)")
+        rows = []
+        for c in args.ckpt:
+            name, _, order = c.rpartition(":")
+            if not name or order not in ("block", "step"):
+                raise sample.CLIError(f"--ckpt {c}: expected PATH:ORDER, ORDER block or step")
+            sample.resolve_ckpt(name)                   # exists, or a shipped student's name
+            rows.append((name, order))
+    if args.out:
+        sample._writable(args.out, "--out")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num", type=int, default=64, help="clips per row (labels in turn)")
@@ -130,6 +154,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the table (markdown) and a .json here")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    rows = check_args(args)
     torch.set_num_threads(args.threads)
     t_ck = sample.load_checkpoint(sample.SHIPPED / "teacher.pt")
     cfg = hiar.Config(**t_ck["config"])
@@ -137,8 +162,6 @@ def main(argv=None):
     teacher = sample.model_from_checkpoint(t_ck, "teacher", "ema").eval()
     long = args.long * cfg.frames
     label = labels_for(cfg, args.num)
-    rows = [tuple(c.rsplit(":", 1)) for c in args.ckpt] if args.ckpt is not None \
-        else shipped_rows()
     out = {"num": args.num, "long": args.long, "rows": {}}
     data = {"1x": measure(data_video(cfg, args.num, cfg.frames), label, cfg),
             "long": measure(data_video(cfg, args.num, long), label, cfg)}
@@ -178,4 +201,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except sample.CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
