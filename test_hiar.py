@@ -1160,6 +1160,78 @@ def test_critic_trains_on_the_dmd_query_levels_with_cfg(cfg, smoke_run, monkeypa
                                "clean") >= 0                                  # nothing to redo
 
 
+def test_ode_regression_puts_each_block_at_one_level_and_regresses_on_the_endpoint(cfg):
+    """The ODE-init objective (and DMD's regression anchor): every block of a trajectory sits at
+    one of the student's σ_j or clean, read from the ODE pairs at that level; the block-causal
+    student's x0 is regressed onto the trajectory's endpoint."""
+    M, K = 6, cfg.K
+    pairs = {"states": torch.randn(M, K, cfg.frames, 3, cfg.size, cfg.size),
+             "x0": torch.randn(M, cfg.frames, 3, cfg.size, cfg.size),
+             "sigmas": torch.tensor(hiar.student_sigmas(K, cfg.shift)[:-1]),
+             "label": torch.arange(M) % cfg.labels}
+    levels, sig = train_toy.ode_levels(pairs)
+    assert levels.shape[1] == K + 1 and sig.tolist()[-1] == 0 and torch.equal(levels[:, K],
+                                                                              pairs["x0"])
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def x0(self, x, sigma, label=None, causal=False):
+            seen.append((x, sigma, label, causal))
+            return torch.zeros_like(x)
+    loss = train_toy.ode_regression(Spy(), levels, sig, pairs, 5, cfg, torch.Generator()
+                                    .manual_seed(0), "cpu")
+    x, sigma, label, causal = seen[0]
+    assert causal and sigma.shape == (5, cfg.frames)
+    targets = []
+    for b in range(5):
+        i = next(i for i in range(M) if torch.equal(label[b], pairs["label"][i]) and any(
+            torch.equal(x[b, :cfg.block], levels[i, j, :cfg.block]) for j in range(K + 1)))
+        targets.append(pairs["x0"][i])
+        for n in range(cfg.frames // cfg.block):
+            f = slice(n * cfg.block, (n + 1) * cfg.block)
+            assert len(set(sigma[b, f].tolist())) == 1                  # one level a block
+            j = sig.tolist().index(sigma[b, f][0].item())
+            assert torch.equal(x[b, f], levels[i, j, f])               # read at that level
+    assert loss.item() == pytest.approx(torch.stack(targets).pow(2).mean().item(), rel=1e-6)
+
+
+def test_regression_anchor_adds_its_weight_times_the_ode_loss(cfg, smoke_run, monkeypatch):
+    """TrainConfig.reg_weight: each generator update adds reg_weight · ode_regression(student)
+    (on the student being trained); 0, the default, leaves the recipe as it was (not called)."""
+    pairs = {"states": torch.randn(4, cfg.K, cfg.frames, 3, cfg.size, cfg.size),
+             "x0": torch.randn(4, cfg.frames, 3, cfg.size, cfg.size),
+             "sigmas": torch.tensor(hiar.student_sigmas(cfg.K, cfg.shift)[:-1]),
+             "label": torch.tensor([0, 1, 0, 1])}
+    assert train_toy.TrainConfig().reg_weight == 0.0
+    calls, real = [], train_toy.ode_regression
+
+    def spy(student, *a):
+        calls.append(student)
+        return real(student, *a)
+    monkeypatch.setattr(train_toy, "ode_regression", spy)
+    train_toy.train_dmd(smoke_run, "plain", random_model(cfg, 1), random_model(cfg, 2), pairs,
+                        "block", 0.0, "clean")
+    assert calls == []
+    tc = train_toy.TrainConfig(**{**train_toy.TRAIN_PRESETS["smoke"], "reg_weight": 2.0})
+    run = train_toy.Run(smoke_run.path / "reg", cfg, tc, torch.device("cpu"), 0)
+    losses = []
+    real_backward = torch.Tensor.backward
+
+    def spy_backward(t, *a, **k):
+        losses.append(t.item())
+        return real_backward(t, *a, **k)
+    monkeypatch.setattr(torch.Tensor, "backward", spy_backward)
+    train_toy.train_dmd(run, "s", random_model(cfg, 1), random_model(cfg, 2), pairs, "block",
+                        0.0, "clean")
+    assert len(calls) == tc.dmd_steps and all(c is calls[0] for c in calls)
+    logs = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    logs = [r for r in logs if r.get("stage") == "s" and "step" in r]
+    assert logs and all("reg" in r for r in logs)
+    gen_losses = losses[tc.critic_ratio::tc.critic_ratio + 1]        # after each critic's turn
+    for r in logs:                                                   # total = DMD + 2 · reg
+        assert gen_losses[r["step"]] == pytest.approx(r["dmd"] + 2.0 * r["reg"], rel=1e-5)
+
+
 def test_default_dmd_recipe_is_the_official_one_scaled_to_the_toy():
     """HIAR_NOTES §8: critic : generator updates 5 : 1, critic lr 0.15 × the generator's
     (3e-7 : 2e-6), AdamW weight decay 0.01, gradient clip 10, CFG 3 on the real score."""

@@ -67,6 +67,8 @@ class TrainConfig:
     grad_clip: float = 10.0      # gradient-norm clip (official: 10)
     fkl_weight: float = 0.1      # λ of Eq. 11 (paper: 0.1); 0 turns the forward-KL term off
     fkl_mode: str = "bidirectional"  # student attention in the FKL term: bidirectional | causal
+    reg_weight: float = 0.0      # regression anchor: + weight · the ODE-init loss on the teacher's
+    #                              ODE pairs, every level (DMD's regression loss; 0: off)
     dmd_guidance: float = 3.0    # the real score's CFG w in DMD (official 3.0 = s; w = s + 1)
     guidance_min_sigma: float = 0.0  # real-score CFG only at σ in [min, max] (Kynkäänniemi
     guidance_max_sigma: float = 1.0  # et al. 2024's interval; 0, 1: at every level)
@@ -433,29 +435,41 @@ def make_ode_pairs(run: Run, teacher: hiar.VideoDiT) -> float:
 # Stage 3: ODE init — the block-causal student regressed onto the teacher's trajectories
 # ------------------------------------------------------------------------------------------------
 
+def ode_levels(pairs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ODE pairs as regression inputs: every trajectory at each of the student's σ_j and
+    clean. → (levels (M, K + 1, T, 3, H, W), their σ (K + 1,))."""
+    levels = torch.cat([pairs["states"], pairs["x0"][:, None]], 1)
+    return levels, torch.cat([pairs["sigmas"], torch.zeros(1)])
+
+
+def ode_regression(student, levels, sig, pairs: dict, B: int, cfg: hiar.Config, g, device):
+    """The ODE-init objective on one batch: B trajectories, each block at its own level — one
+    of the student's σ_j or clean (σ = 0), drawn per block as Self-Forcing does — and the
+    block-causal student predicts the teacher ODE's endpoint x0. Trains the ODE init; in DMD it
+    is the regression anchor (`reg_weight`, DMD's regression loss on teacher outputs)."""
+    idx = torch.randint(len(levels), (B,), generator=g)
+    j = torch.randint(len(sig), (B, cfg.frames // cfg.block), generator=g)
+    j = j.repeat_interleave(cfg.block, 1)                               # (B, T): level per frame
+    x = levels[idx[:, None], j, torch.arange(cfg.frames)]               # (B, T, 3, H, W)
+    lab = pairs["label"][idx] if cfg.labels else None
+    pred = student.x0(x.to(device), sig[j].to(device), lab, causal=True)
+    return torch.nn.functional.mse_loss(pred.float(), pairs["x0"][idx].to(device))
+
+
 def train_ode_init(run: Run, teacher: hiar.VideoDiT, pairs: dict) -> float:
-    """CausVid / Self-Forcing initialisation: from a trajectory whose blocks each sit at their
-    own level — one of the student's σ_j or clean (σ = 0), drawn per block as Self-Forcing does —
-    predict the teacher ODE's endpoint x0 with the block-causal mask. Per-block levels show the
-    student the mixed contexts of both samplers (clean for block-major, noisy for step-major)."""
+    """CausVid / Self-Forcing initialisation: regress the block-causal student onto the teacher's
+    trajectories (`ode_regression`). Per-block levels show the student the mixed contexts of
+    both samplers (clean for block-major, noisy for step-major)."""
     cfg, tc, dev = run.cfg, run.tc, run.device
     student = copy.deepcopy(teacher).requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=tc.init_lr, weight_decay=0.0)
-    x0s, labels = pairs["x0"], pairs["label"]
-    levels = torch.cat([pairs["states"], x0s[:, None]], 1)             # (M, K + 1, T, …)
-    sig = torch.cat([pairs["sigmas"], torch.zeros(1)])                 # (K + 1,)
-    N = cfg.frames // cfg.block
+    levels, sig = ode_levels(pairs)
     g = torch.Generator().manual_seed(run.seed + 2)
 
     def step_fn(step):
         set_lr(opt, tc.init_lr, step, tc.init_steps)
-        idx = torch.randint(len(x0s), (tc.batch,), generator=g)
-        j = torch.randint(len(sig), (tc.batch, N), generator=g).repeat_interleave(cfg.block, 1)
-        x = levels[idx[:, None], j, torch.arange(cfg.frames)]          # (B, T, 3, H, W)
-        lab = labels[idx] if cfg.labels else None
         with autocast(run):
-            pred = student.x0(x.to(dev), sig[j].to(dev), lab, causal=True)
-        loss = torch.nn.functional.mse_loss(pred.float(), x0s[idx].to(dev))
+            loss = ode_regression(student, levels, sig, pairs, tc.batch, cfg, g, dev)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -510,6 +524,7 @@ def train_dmd(run: Run, stage: str, teacher, init: hiar.VideoDiT, pairs: dict, o
     sig0 = float(pairs["sigmas"][0])
     fkl_target = hiar.chord_x0(pairs["states"][:, 0], pairs["states"][:, 1], sig0,
                                float(pairs["sigmas"][1])) if cfg.K > 1 else pairs["x0"]
+    levels, sig = ode_levels(pairs) if tc.reg_weight > 0 else (None, None)
 
     def labels():
         return torch.randint(cfg.labels, (tc.dmd_batch,), generator=g) if cfg.labels else None
@@ -540,6 +555,10 @@ def train_dmd(run: Run, stage: str, teacher, init: hiar.VideoDiT, pairs: dict, o
                                    sig0, lab, bidirectional=tc.fkl_mode == "bidirectional")
             loss = loss + fkl_weight * f_loss
             logs["fkl"] = f_loss.item()
+        if tc.reg_weight > 0:                                       # the regression anchor
+            r_loss = ode_regression(gen, levels, sig, pairs, tc.dmd_batch, cfg, g, dev)
+            loss = loss + tc.reg_weight * r_loss
+            logs["reg"] = r_loss.item()
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(gen.parameters(), tc.grad_clip)
