@@ -1422,6 +1422,33 @@ def test_background_tint_distance_sees_a_tint_change_at_a_constant_level():
     assert d[0] == pytest.approx(0.0, abs=1e-6) and d[1] == pytest.approx(0.2 * 2 ** 0.5, rel=1e-4)
 
 
+def test_context_probe_continues_like_block_major_and_measures_the_jump(model, cfg):
+    """scripts/context_probe.py: the next block after a clean context is block-major's own
+    last block (same noise, same cells), and the jump is the background's move from the last
+    context block: 0 for a copy, 0.1 for a ground 0.1 redder (in [0, 1] units)."""
+    sys.path.insert(0, str(HERE / "scripts"))
+    import context_probe
+    noise, label = hiar.Noise(cfg, [3, 4]), torch.tensor([0, 1])
+    with torch.no_grad():
+        video = hiar.sample_block_major(model, noise, cfg.frames, label)
+    b = cfg.block
+    assert torch.equal(context_probe.next_block(model, video[:, :-b], label, noise),
+                       video[:, -b:])
+    block = torch.full((2, b, 3, 16, 16), -0.8)
+    block[:, :, :, 4:7, 4:7] = 0.3
+    block[:, :, :, 5, 5] = 0.9                                         # one bright blob
+    same = context_probe.jump_and_blobs(block, block.clone(), cfg.shapes)
+    assert same["jump"] == 0 and same["blobs"] == 1
+    redder = block.clone()
+    redder[:, :, 0] += 0.2                                              # +0.1 in [0, 1] units
+    assert context_probe.jump_and_blobs(block, redder, cfg.shapes)["jump"] == pytest.approx(0.1)
+    # a free rollout whose ground steps +0.1 red each block: a steady slide, ratio N − 1 = 3
+    slide = torch.cat([block + torch.tensor([0.2 * n, 0, 0])[:, None, None] for n in range(4)], 1)
+    r = context_probe.per_block(slide, b, cfg.shapes)
+    assert r["step"] == pytest.approx(0.1) and r["change"] == pytest.approx(0.3)
+    assert r["blobs"] == [1.0] * 4
+
+
 def _grounds_video(first, last, frames=12, size=16, blob=True):
     """Clips (B, frames, 3, size, size) whose ground is `first` (B, 3) in the first half and
     `last` in the second (in [0, 1] units), with one small bright blob moving across."""

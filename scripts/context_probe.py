@@ -1,0 +1,123 @@
+"""Does a student keep its context? It continues the teacher's clips by one block.
+
+    python scripts/context_probe.py                        # ODE init and the shipped students
+    python scripts/context_probe.py --ckpt runs/x/hiar_ema100.pt --num 64
+
+For `num` teacher clips (CFG 3, 24 Euler steps, labels in turn, seed 0) the first N − 1 blocks
+are written clean into the student's cache, as block-major sampling does, and the student
+denoises block N − 1 in its K steps (noise from hiar.Noise, one seed per clip). Per row:
+
+- jump: RGB distance of the new block's background (median colour, mean over its frames) from
+  the last context block's; the teacher row is its own step between those two blocks;
+- blobs: blobs per frame of the new block (the teacher row: its own last block).
+
+A student that copies its context stays near the teacher's jump; a systematic per-block offset
+shows as a larger one, and in a free rollout it compounds from block to block. The second table
+is that free rollout (1×, the student's own order, its own context; quality.py's clips): blobs
+per frame in each block, the mean ground step between neighbouring blocks and the change from
+the first block to the last. Their ratio tells a random wander (about √(N − 1) = 1.7 for 4
+blocks) from a steady slide (N − 1 = 3).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import hiar  # noqa: E402
+import sample  # noqa: E402
+from quality import labels_for, student_video, teacher_video  # noqa: E402
+
+
+@torch.no_grad()
+def next_block(model: hiar.VideoDiT, context, label, noise: hiar.Noise):
+    """The block after `context` (B, n·b, 3, H, W), clean, as block-major makes it: the context
+    written at σ = 0, then cells (n, 0 … K − 1). → (B, b, 3, H, W)."""
+    b = model.cfg.block
+    n = context.shape[1] // b
+    σ = hiar.student_sigmas(noise.K, model.cfg.shift)
+    cache = model.new_cache()
+    for i in range(n):
+        hiar.write(model, cache, context[:, i * b:(i + 1) * b], 0.0, i, label)
+    x = noise(0, n)
+    for j in range(noise.K):
+        x0_hat = x - σ[j] * model(x, σ[j], label, frame0=n * b, cache=cache)
+        if j + 1 < noise.K:
+            x = hiar.add_noise(x0_hat, noise(j + 1, n), σ[j + 1])
+    return x0_hat
+
+
+def jump_and_blobs(before, block, shapes: int) -> dict:
+    """How far `block`'s background moved from `before`'s (mean RGB distance over clips) and
+    `block`'s blobs per frame; both (B, b, 3, H, W) in [-1, 1]."""
+    prev = sample.find_blobs(before, shapes)["background"].mean(1)              # (B, 3)
+    now = sample.find_blobs(block, shapes)
+    return {"jump": (now["background"].mean(1) - prev).norm(dim=-1).mean().item(),
+            "blobs": now["valid"].float().sum(-1).mean().item()}
+
+
+def per_block(video, block: int, shapes: int) -> dict:
+    """A free rollout (B, T, 3, H, W) block by block: blobs per frame in each block, the mean
+    ground step between neighbouring blocks and the first → last block change (RGB distance)."""
+    b = sample.find_blobs(video, shapes)
+    B, T = b["valid"].shape[:2]
+    blobs = b["valid"].float().sum(-1).view(B, T // block, block).mean((0, 2))      # (N,)
+    ground = b["background"].view(B, T // block, block, 3).mean(2)                 # (B, N, 3)
+    return {"blobs": blobs.tolist(),
+            "step": (ground[:, 1:] - ground[:, :-1]).norm(dim=-1).mean().item(),
+            "change": (ground[:, -1] - ground[:, 0]).norm(dim=-1).mean().item()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", nargs="*", default=None, metavar="PATH",
+                   help="students to probe (default: ODE init and the shipped students)")
+    p.add_argument("--num", type=int, default=64, help="teacher clips (labels in turn)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    if args.num < 1:
+        raise sample.CLIError(f"--num {args.num}: must be >= 1")
+    names = args.ckpt if args.ckpt is not None else ["ode_init"] + [
+        q.stem for q in sorted(sample.SHIPPED.glob("*_s[0-9].pt"))]
+    for name in names:
+        sample.resolve_ckpt(name)                          # exists, or a shipped student's name
+    torch.set_num_threads(args.threads)
+    t_ck = sample.load_checkpoint(sample.SHIPPED / "teacher.pt")
+    cfg = hiar.Config(**t_ck["config"])
+    teacher = sample.model_from_checkpoint(t_ck, "teacher", "ema").eval()
+    label = labels_for(cfg, args.num)
+    clips = teacher_video(teacher, cfg, args.num, 3.0, float(t_ck["train"]["ode_shift"]))
+    b = cfg.block
+    context, last = clips[:, :-b], clips[:, -b:]
+    print(f"{args.num} teacher clips (CFG 3); the row continues their first "
+          f"{cfg.frames // b - 1} blocks by one\n\n| row | jump | blobs / frame |\n|---|---|---|")
+    r = jump_and_blobs(context[:, -b:], last, cfg.shapes)
+    print(f"| teacher, its own last block | {r['jump']:.4f} | {r['blobs']:.3f} |")
+    free = []
+    for name in names:
+        model, meta = sample.load_student(name, "cpu")
+        noise = hiar.Noise(cfg, range(args.num))
+        r = jump_and_blobs(context[:, -b:], next_block(model, context, label, noise), cfg.shapes)
+        print(f"| {Path(name).name} | {r['jump']:.4f} | {r['blobs']:.3f} |", flush=True)
+        order = meta.get("order", "block")                  # the ODE init: block-major
+        free.append((f"{Path(name).name}, {order}-major",
+                     per_block(student_video(model, order, cfg, args.num, cfg.frames), b,
+                               cfg.shapes)))
+    print("\nFree rollouts (1×, own order and context)\n\n| row | blobs / frame by block | "
+          "ground step | first → last | ratio |\n|---|---|---|---|---|")
+    for name, r in [("teacher (CFG 3)", per_block(clips, b, cfg.shapes))] + free:
+        print(f"| {name} | {' '.join(f'{v:.2f}' for v in r['blobs'])} | {r['step']:.4f} | "
+              f"{r['change']:.4f} | {r['change'] / r['step']:.2f} |")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except sample.CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
