@@ -1447,6 +1447,10 @@ def test_context_probe_continues_like_block_major_and_measures_the_jump(model, c
     r = context_probe.per_block(slide, b, cfg.shapes)
     assert r["step"] == pytest.approx(0.1) and r["change"] == pytest.approx(0.3)
     assert r["blobs"] == [1.0] * 4
+    for argv, words in ((["--num", "0"], "--num 0"), (["--threads", "0"], "--threads 0"),
+                        (["--ckpt", "nope.pt"], "no such file")):    # checked before any work
+        with pytest.raises(sample.CLIError, match=words):
+            context_probe.main(argv)
 
 
 def _grounds_video(first, last, frames=12, size=16, blob=True):

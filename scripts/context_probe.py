@@ -80,8 +80,9 @@ def main(argv=None):
     p.add_argument("--num", type=int, default=64, help="teacher clips (labels in turn)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
-    if args.num < 1:
-        raise sample.CLIError(f"--num {args.num}: must be >= 1")
+    for flag in ("num", "threads"):
+        if getattr(args, flag) < 1:
+            raise sample.CLIError(f"--{flag} {getattr(args, flag)}: must be >= 1")
     names = args.ckpt if args.ckpt is not None else ["ode_init"] + [
         q.stem for q in sorted(sample.SHIPPED.glob("*_s[0-9].pt"))]
     for name in names:
@@ -100,12 +101,13 @@ def main(argv=None):
     print(f"| teacher, its own last block | {r['jump']:.4f} | {r['blobs']:.3f} |")
     free = []
     for name in names:
+        shown = "/".join(Path(name).parts[-2:])             # a run's snapshot: run/file
         model, meta = sample.load_student(name, "cpu")
         noise = hiar.Noise(cfg, range(args.num))
         r = jump_and_blobs(context[:, -b:], next_block(model, context, label, noise), cfg.shapes)
-        print(f"| {Path(name).name} | {r['jump']:.4f} | {r['blobs']:.3f} |", flush=True)
+        print(f"| {shown} | {r['jump']:.4f} | {r['blobs']:.3f} |", flush=True)
         order = meta.get("order", "block")                  # the ODE init: block-major
-        free.append((f"{Path(name).name}, {order}-major",
+        free.append((f"{shown}, {order}-major",
                      per_block(student_video(model, order, cfg, args.num, cfg.frames), b,
                                cfg.shapes)))
     print("\nFree rollouts (1×, own order and context)\n\n| row | blobs / frame by block | "
