@@ -232,8 +232,8 @@ class KVCache:
             t = new if old is None else torch.cat([old, new], dim)
             keep = min(t.shape[dim], self.max_tokens)
             return t.narrow(dim, t.shape[dim] - keep, keep)
-        self.k[layer] = newest(self.k[layer], k.detach())   # context never carries gradient
-        self.v[layer] = newest(self.v[layer], v.detach())
+        self.k[layer] = newest(self.k[layer], k)    # gradient only if written with it (write)
+        self.v[layer] = newest(self.v[layer], v)
         if layer == len(self.k) - 1:       # after the last layer: all layers saw the old index
             self.frame = newest(self.frame, frame, 0)
 
@@ -387,11 +387,12 @@ class Noise:
             _cell_seed(s, n, j))) for s in self.seeds]).to(self.device)
 
 
-@torch.no_grad()
-def write(model: VideoDiT, cache: KVCache, x_c, σ_c, n: int, label):
-    """Block n at level σ_c becomes context: a detached pass appends its keys and values."""
+def write(model: VideoDiT, cache: KVCache, x_c, σ_c, n: int, label, grad: bool = False):
+    """Block n at level σ_c becomes context: a pass appends its keys and values, detached unless
+    `grad` (training's `cache_grad`: later blocks' losses then reach block n's exit step)."""
     b = model.cfg.block
-    model(x_c, σ_c, label, frame0=n * b, cache=cache, write_frames=b)
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        model(x_c, σ_c, label, frame0=n * b, cache=cache, write_frames=b)
 
 
 def _setup(model: VideoDiT, noise, frames: int, exit_step):
@@ -407,10 +408,11 @@ def _setup(model: VideoDiT, noise, frames: int, exit_step):
 
 
 def block_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t="clean",
-                exit_step=None, x0_bias=0.0):
+                exit_step=None, x0_bias=0.0, cache_grad: bool = False):
     """For n: for j: cell (n, j); then one pass caches the clean block (K + 1 passes a block);
     yields each block (B, b, 3, H, W). `exit_step` j* (training) stops every block at j*, the
-    only step with gradient; `x0_bias` is added to every x0 (a stand-in for a systematic error).
+    only step with gradient; `x0_bias` is added to every x0 (a stand-in for a systematic error);
+    `cache_grad` keeps the gradient of the exit step's context writes (official; off: detached).
     `context_t` keeps the step-major signature: this context is always clean."""
     K, N, J, σ = _setup(model, noise, frames, exit_step)
     b, grad, cache = model.cfg.block, torch.is_grad_enabled(), model.new_cache()
@@ -422,7 +424,7 @@ def block_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_
             if j < J:
                 x = add_noise(x0_hat, noise(j + 1, n), σ[j + 1])      # re-noise to σ_{j+1}
         if n + 1 < N:                                                 # the last is no context
-            write(model, cache, x0_hat, 0.0, n, label)                # clean context, t_c = 0
+            write(model, cache, x0_hat, 0.0, n, label, cache_grad)    # clean context, t_c = 0
         yield x0_hat
 
 
@@ -434,7 +436,8 @@ def sample_block_major(model: VideoDiT, noise: Noise, frames: int, label=None, *
 
 
 def sample_step_major(model: VideoDiT, noise: Noise, frames: int, label=None,
-                      context_t: str = "next", exit_step=None, x0_bias=0.0) -> torch.Tensor:
+                      context_t: str = "next", exit_step=None, x0_bias=0.0,
+                      cache_grad: bool = False) -> torch.Tensor:
     """Paper Alg. 1: for each step j a fresh cache; for each block n, cell (n, j), then block n
     is written at the context level t_c (Eq. 9) for the blocks after it; 2K passes a block.
     `context_t` (Table 2): 'next' = t_{j+1} (HiAR's), 'current' = t_j or 'clean' = 0."""
@@ -454,7 +457,7 @@ def sample_step_major(model: VideoDiT, noise: Noise, frames: int, label=None,
             if context_t != "next":                  # Table 2's other levels: t_j, or clean
                 x_c, σ_c = (x[n], σ[j]) if context_t == "current" else (x0_hat, 0.0)
             if n + 1 < N:                            # the last block is no one's context
-                write(model, cache, x_c, σ_c, n, label)
+                write(model, cache, x_c, σ_c, n, label, cache_grad and j == J)
             out[n], x[n] = x0_hat, x_next
     return torch.cat(out, 1)
 
@@ -471,7 +474,7 @@ def fused_pass(model: VideoDiT, cache: KVCache, x_c, σ_c, x, σ_j: float, n: in
 
 def step_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t: str = "next",
                exit_step=None, x0_bias=0.0, fused: bool = False, steps: range | None = None,
-               inputs=None):
+               inputs=None, cache_grad: bool = False):
     """Step-major as a stream. Cell (n, j) needs only (n − 1, j), via step j's cache, and
     (n, j − 1), its input, so this order (block n's steps before block n + 1's; K caches, one
     block held) gives Alg. 1's video bitwise. As a pipeline stage: run only `steps` on blocks
@@ -498,7 +501,7 @@ def step_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t
             if fused:
                 held[j] = (x_c.detach(), σ_c)                        # written by the next pass
             elif n + 1 < N:
-                write(model, cache[j], x_c, σ_c, n, label)
+                write(model, cache[j], x_c, σ_c, n, label, cache_grad and j == J)
             x = x_next
         yield x0_hat if steps[-1] == J else x
 

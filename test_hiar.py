@@ -68,10 +68,12 @@ class NoiseBank:
 
 
 def reference_sample(model, noise, frames, label=None, order="step", context_t="next",
-                     exit_step=None, x0_bias=0.0):
+                     exit_step=None, x0_bias=0.0, cache_grad=False):
     """The slow oracle of both samplers: no KV cache. Every written context block is kept and
     re-run, with the current block, through the masked model at each query — the mask gives each
-    frame exactly the window it had when the fast path cached its keys."""
+    frame exactly the window it had when the fast path cached its keys. With gradient on, as a
+    training rollout: steps before the exit step without it, and the context detached unless
+    `cache_grad` (then written at the exit step with its gradient)."""
     b, K = model.cfg.block, noise.K
     N, J, σ = frames // b, K - 1 if exit_step is None else exit_step, \
         hiar.student_sigmas(K, model.cfg.shift)
@@ -83,26 +85,35 @@ def reference_sample(model, noise, frames, label=None, order="step", context_t="
                        + [hiar.frame_sigma(s, B, b)], 1)
         return model(xs, ss, label, frame0=(n + 1) * b - xs.shape[1])[:, -b:]
 
+    grad = torch.is_grad_enabled()
+
+    def cell(ctx, x, s, n, j):
+        with torch.set_grad_enabled(grad and j == J):
+            return x - s * velocity(ctx, x, s, n) + x0_bias
+
+    def context(x_c, σ_c, j):
+        return (x_c if cache_grad and j == J else x_c.detach(), σ_c)
+
     out = [None] * N
     if order == "block":
         ctx = []
         for n in range(N):
             x = noise(0, n)
             for j in range(J + 1):
-                x0_hat = x - σ[j] * velocity(ctx, x, σ[j], n) + x0_bias
+                x0_hat = cell(ctx, x, σ[j], n, j)
                 if j < J:
                     x = hiar.add_noise(x0_hat, noise(j + 1, n), σ[j + 1])
-            ctx.append((x0_hat, 0.0))
+            ctx.append(context(x0_hat, 0.0, J))
             out[n] = x0_hat
         return torch.cat(out, 1)
     x = [noise(0, n) for n in range(N)]
     for j in range(J + 1):
         ctx = []
         for n in range(N):
-            x0_hat = x[n] - σ[j] * velocity(ctx, x[n], σ[j], n) + x0_bias
+            x0_hat = cell(ctx, x[n], σ[j], n, j)
             x_next = hiar.add_noise(x0_hat, noise(j + 1, n), σ[j + 1]) if j + 1 < K else x0_hat
-            ctx.append({"next": (x_next, σ[j + 1]), "current": (x[n], σ[j]),
-                        "clean": (x0_hat, 0.0)}[context_t])
+            ctx.append(context(*{"next": (x_next, σ[j + 1]), "current": (x[n], σ[j]),
+                                 "clean": (x0_hat, 0.0)}[context_t], j))
             out[n], x[n] = x0_hat, x_next
     return torch.cat(out, 1)
 
@@ -607,6 +618,36 @@ def test_exit_step_gradient_flows_only_through_the_exit_prediction(cfg, sampler)
     assert all(p.grad is not None for p in model.parameters())
     with torch.no_grad():
         assert not sampler(model, noise(cfg), 3 * cfg.block, exit_step=0).requires_grad
+
+
+@pytest.mark.parametrize("cache_grad", [False, True])
+@pytest.mark.parametrize("sampler", SAMPLERS + [hiar.step_major])
+def test_rollout_gradients_match_the_no_cache_oracle(cfg, sampler, cache_grad):
+    """A training rollout's gradients equal the slow oracle's: with the context written with its
+    gradient (`cache_grad`, the official causal model's cache) every gradient; detached (the
+    default) the noise's — the oracle recomputes the context in the query's own pass, so its
+    keys still depend on the weights there. With `cache_grad`, block 1's loss reaches block 0's
+    exit step through the context."""
+    model = random_model(cfg).train()
+    frames = 3 * cfg.block
+    grads = []
+    for run in ("fast", "oracle"):
+        t = bank(noise(cfg), frames).requires_grad_(True)
+        model.zero_grad()
+        if run == "fast":
+            out = sampler(model, NoiseBank(t), frames, exit_step=1, cache_grad=cache_grad)
+            out = out if torch.is_tensor(out) else torch.cat(list(out), 1)
+        else:
+            order = "block" if sampler is hiar.sample_block_major else "step"
+            out = reference_sample(model, NoiseBank(t), frames, order=order, exit_step=1,
+                                   cache_grad=cache_grad)
+        out[:, cfg.block:2 * cfg.block].pow(2).sum().backward()      # block 1 only
+        grads.append([t.grad.clone()] + [p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads) if cache_grad else [(grads[0][0], grads[1][0])]:
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    g = grads[0][0].abs().sum(dim=(2, 3, 4, 5, 6))                    # (K, N)
+    assert g[0].sum() == 0 and g[1, 2] == 0 and g[1, 1] > 0
+    assert (g[1, 0] > 0) == cache_grad                               # through block 0's write
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)

@@ -60,6 +60,8 @@ class TrainConfig:
     dmd_shift: float = 1.0       # σ-shift of the DMD queries and the critic's levels (official 5;
     #                              here the student's shift, as the official code shares one)
     rollout_frames: int = 0      # self-rollout length (0: frames); gradient on the last `frames`
+    cache_grad: bool = False     # the exit step's context writes keep their gradient (official
+    #                              causal model's cache does; off: detached)
     gen_lr: float = 2e-5         # official 2e-6 for a 1.3B model; the toy's 10× larger
     critic_lr: float = 3e-6      # the official critic : generator lr ratio, 3e-7 : 2e-6 = 0.15
     critic_ratio: int = 5        # critic updates per generator update (official: 5)
@@ -495,8 +497,8 @@ def rollout(student, run: Run, order: str, context_t: str, g, label, exit_step: 
     noise = hiar.Noise(cfg, torch.randint(2 ** 62, (tc.dmd_batch,), generator=g), run.device)
     keep = cfg.frames // cfg.block
     sampler = hiar.block_major if order == "block" else hiar.step_major
-    blocks = sampler(student, noise, frames, label, context_t=context_t,
-                             exit_step=exit_step)
+    blocks = sampler(student, noise, frames, label, context_t=context_t, exit_step=exit_step,
+                     cache_grad=tc.cache_grad)
     last = []
     for x0_hat in blocks:                       # streaming: hold one window, drop the rest
         last = (last + [x0_hat])[-keep:]
