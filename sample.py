@@ -42,6 +42,15 @@ class CLIError(RuntimeError):
     """A failure the user sees as one line: a bad flag value, a missing or foreign file, a NaN."""
 
 
+def run_cli(main):
+    """A script's entry point: bad input (a CLIError) is one line on stderr and exit status 2."""
+    try:
+        main()
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def pick_device(name: str | None = None) -> torch.device:
     """cuda > mps > cpu unless `name` says otherwise."""
     if name:

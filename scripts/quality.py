@@ -201,8 +201,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except sample.CLIError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sample.run_cli(main)
