@@ -388,8 +388,7 @@ class Noise:
 
 
 def write(model: VideoDiT, cache: KVCache, x_c, σ_c, n: int, label, grad: bool = False):
-    """Block n at level σ_c becomes context: a pass appends its keys and values, detached unless
-    `grad` (training's `cache_grad`: later blocks' losses then reach block n's exit step)."""
+    """Block n at level σ_c becomes context: a pass appends its keys, values (gradient if grad)."""
     b = model.cfg.block
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         model(x_c, σ_c, label, frame0=n * b, cache=cache, write_frames=b)
@@ -411,9 +410,8 @@ def block_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_
                 exit_step=None, x0_bias=0.0, cache_grad: bool = False):
     """For n: for j: cell (n, j); then one pass caches the clean block (K + 1 passes a block);
     yields each block (B, b, 3, H, W). `exit_step` j* (training) stops every block at j*, the
-    only step with gradient; `x0_bias` is added to every x0 (a stand-in for a systematic error);
-    `cache_grad` keeps the gradient of the exit step's context writes (official; off: detached).
-    `context_t` keeps the step-major signature: this context is always clean."""
+    only step with gradient (its context writes keep it if `cache_grad`, as the official cache);
+    `x0_bias` is added to every x0 (a stand-in for a systematic error). Context: always clean."""
     K, N, J, σ = _setup(model, noise, frames, exit_step)
     b, grad, cache = model.cfg.block, torch.is_grad_enabled(), model.new_cache()
     for n in range(N):
@@ -435,9 +433,8 @@ def sample_block_major(model: VideoDiT, noise: Noise, frames: int, label=None, *
 # ==== 7. Step-major sampler (HiAR, paper Alg. 1) ==================================================
 
 
-def sample_step_major(model: VideoDiT, noise: Noise, frames: int, label=None,
-                      context_t: str = "next", exit_step=None, x0_bias=0.0,
-                      cache_grad: bool = False) -> torch.Tensor:
+def sample_step_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t="next",
+                      exit_step=None, x0_bias=0.0, cache_grad=False) -> torch.Tensor:
     """Paper Alg. 1: for each step j a fresh cache; for each block n, cell (n, j), then block n
     is written at the context level t_c (Eq. 9) for the blocks after it; 2K passes a block.
     `context_t` (Table 2): 'next' = t_{j+1} (HiAR's), 'current' = t_j or 'clean' = 0."""

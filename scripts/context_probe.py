@@ -52,15 +52,6 @@ def next_block(model: hiar.VideoDiT, context, label, noise: hiar.Noise):
     return x0_hat
 
 
-def jump_and_blobs(before, block, shapes: int) -> dict:
-    """How far `block`'s background moved from `before`'s (mean RGB distance over clips) and
-    `block`'s blobs per frame; both (B, b, 3, H, W) in [-1, 1]."""
-    prev = sample.find_blobs(before, shapes)["background"].mean(1)              # (B, 3)
-    now = sample.find_blobs(block, shapes)
-    return {"jump": (now["background"].mean(1) - prev).norm(dim=-1).mean().item(),
-            "blobs": now["valid"].float().sum(-1).mean().item()}
-
-
 def per_block(video, block: int, shapes: int) -> dict:
     """A free rollout (B, T, 3, H, W) block by block: blobs per frame in each block, the mean
     ground step between neighbouring blocks and the first → last block change (RGB distance)."""
@@ -71,6 +62,13 @@ def per_block(video, block: int, shapes: int) -> dict:
     return {"blobs": blobs.tolist(),
             "step": (ground[:, 1:] - ground[:, :-1]).norm(dim=-1).mean().item(),
             "change": (ground[:, -1] - ground[:, 0]).norm(dim=-1).mean().item()}
+
+
+def jump_and_blobs(before, block, shapes: int) -> dict:
+    """How far `block`'s background moved from `before`'s (mean RGB distance over clips) and
+    `block`'s blobs per frame; both (B, b, 3, H, W) in [-1, 1]: `per_block` of the two."""
+    r = per_block(torch.cat([before, block], 1), block.shape[1], shapes)
+    return {"jump": r["step"], "blobs": r["blobs"][-1]}
 
 
 def main(argv=None):
