@@ -1274,11 +1274,18 @@ def test_regression_anchor_adds_its_weight_times_the_ode_loss(cfg, smoke_run, mo
 
 
 def test_default_dmd_recipe_is_the_official_one_scaled_to_the_toy():
-    """HIAR_NOTES §8: critic : generator updates 5 : 1, critic lr 0.15 × the generator's
-    (3e-7 : 2e-6), AdamW weight decay 0.01, gradient clip 10, CFG 3 on the real score."""
+    """The official recipe: critic : generator updates 5 : 1, critic lr 0.15 × the generator's
+    (3e-7 : 2e-6), AdamW weight decay 0.01, gradient clip 10, CFG 3 on the real score, DMD levels
+    shifted by 5. The toy's own choices (docs/distillation.md): 100 generator steps, EMA 0.95
+    from the first step, at both orders alike (no student overrides them)."""
     tc = train_toy.TrainConfig()
     assert (tc.critic_ratio, tc.weight_decay, tc.grad_clip, tc.guidance) == (5, 0.01, 10.0, 3.0)
     assert tc.critic_lr / tc.gen_lr == pytest.approx(3e-7 / 2e-6)
+    assert (tc.dmd_shift, tc.dmd_steps, tc.ema, tc.ema_start) == (5.0, 100, 0.95, 1)
+    args = train_toy.parse_args(["--students", "hiar,self_forcing,hiar_no_fkl"])
+    students = train_toy.resolve_students(args, hiar.Config.preset("toy"), tc)
+    assert [s[1:] for s in students] == [("step", 0.1, "next"), ("block", 0.0, "clean"),
+                                        ("step", 0.0, "next")]
 
 
 @pytest.mark.slow

@@ -55,10 +55,9 @@ class TrainConfig:
     init_steps: int = 1500
     init_lr: float = 3e-4
     # self-rollout DMD (+ forward KL)
-    dmd_steps: int = 400
+    dmd_steps: int = 100         # with the EMA below, the students peak here (docs/distillation.md)
     dmd_batch: int = 8
-    dmd_shift: float = 1.0       # σ-shift of the DMD queries and the critic's levels (official 5;
-    #                              here the student's shift, as the official code shares one)
+    dmd_shift: float = 5.0       # σ-shift of the DMD queries and the critic's levels (official 5)
     rollout_frames: int = 0      # self-rollout length (0: frames); gradient on the last `frames`
     cache_grad: bool = False     # the exit step's context writes keep their gradient (official
     #                              causal model's cache does; off: detached)
@@ -75,8 +74,8 @@ class TrainConfig:
     guidance_min_sigma: float = 0.0  # real-score CFG only at σ in [min, max] (Kynkäänniemi
     guidance_max_sigma: float = 1.0  # et al. 2024's interval; 0, 1: at every level)
     snapshot_every: int = 0      # keep the EMA weights every N generator steps (0: off)
-    ema: float = 0.99
-    ema_start: int = 100         # generator steps before the EMA starts to average (0: at once)
+    ema: float = 0.95            # official 0.99 from step 200; a 100-step run needs a short one
+    ema_start: int = 1           # generator steps before the EMA starts to average (0: at once)
     ckpt_every: int = 100        # training steps between checkpoints (DMD: a fifth of it)
 
     def __post_init__(self):
