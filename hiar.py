@@ -406,12 +406,12 @@ def _setup(model: VideoDiT, noise, frames: int, exit_step):
 # ==== 6. Block-major sampler (CausVid / Self-Forcing) =============================================
 
 
-def block_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t="clean",
-                exit_step=None, x0_bias=0.0, cache_grad: bool = False):
+def block_major(model: VideoDiT, noise: Noise, frames: int, label=None, exit_step=None,
+                x0_bias=0.0, cache_grad: bool = False):
     """For n: for j: cell (n, j); then one pass caches the clean block (K + 1 passes a block);
     yields each block (B, b, 3, H, W). `exit_step` j* (training) stops every block at j*, the
     only step with gradient (its context writes keep it if `cache_grad`, as the official cache);
-    `x0_bias` is added to every x0 (a stand-in for a systematic error). Context: always clean."""
+    `x0_bias` is added to every x0 (a stand-in for an error). Context always clean: no context_t."""
     K, N, J, σ = _setup(model, noise, frames, exit_step)
     b, grad, cache = model.cfg.block, torch.is_grad_enabled(), model.new_cache()
     for n in range(N):

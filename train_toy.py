@@ -495,9 +495,10 @@ def rollout(student, run: Run, order: str, context_t: str, g, label, exit_step: 
     frames = tc.rollout_frames or cfg.frames
     noise = hiar.Noise(cfg, torch.randint(2 ** 62, (tc.dmd_batch,), generator=g), run.device)
     keep = cfg.frames // cfg.block
+    level = {} if order == "block" else {"context_t": context_t}    # block-major: always clean
     sampler = hiar.block_major if order == "block" else hiar.step_major
-    blocks = sampler(student, noise, frames, label, context_t=context_t, exit_step=exit_step,
-                     cache_grad=tc.cache_grad)
+    blocks = sampler(student, noise, frames, label, exit_step=exit_step, cache_grad=tc.cache_grad,
+                     **level)
     last = []
     for x0_hat in blocks:                       # streaming: hold one window, drop the rest
         last = (last + [x0_hat])[-keep:]
@@ -512,6 +513,9 @@ def train_dmd(run: Run, stage: str, teacher, init: hiar.VideoDiT, pairs: dict, o
     the teacher with CFG; the critic (fake score) learns the student's current distribution with
     the flow loss on the DMD query levels, `critic_ratio` updates per generator update. FKL adds
     λ·L_FKL on the first step."""
+    if order == "block" and context_t != "clean":
+        raise ValueError(f"context_t={context_t!r}: the block-major order's context is always "
+                         "clean (context levels are a step-major choice)")
     cfg, tc, dev = run.cfg, run.tc, run.device
     extra = {"order": order, "fkl_weight": fkl_weight, "context_t": context_t}
     gen = copy.deepcopy(init).requires_grad_(True)
@@ -625,6 +629,9 @@ def resolve_students(args, cfg: hiar.Config, tc: TrainConfig) -> list[tuple]:
         lam = tc.fkl_weight if args.fkl_weight is None else args.fkl_weight
         if lam < 0 or not math.isfinite(lam):
             raise CLIError(f"--fkl-weight {lam}: must be a number >= 0")
+        if order == "block" and args.context_t not in (None, "clean"):
+            raise CLIError(f"--context-t {args.context_t}: the block-major order's context is "
+                           "always clean; drop --context-t or use --order step")
         ctx = args.context_t or (cfg.context_t if order == "step" else "clean")
         return [(args.name or f"student_{order}_fkl{lam:g}_{ctx}", order, lam, ctx)]
     out = []
