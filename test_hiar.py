@@ -1528,7 +1528,7 @@ def _grounds_video(first, last, frames=12, size=16, blob=True):
 
 
 def test_quality_measure_known_answers():
-    """scripts/quality.py (issue 17's measure): a constant ground has no background change; a
+    """scripts/quality.py: a constant ground has no background change; a
     ground that moves by d changes by |d|; clips forced to one ground per label have spread 0;
     grounds outside the data's range are counted out; a collapsed student misses 'spread'."""
     sys.path.insert(0, str(HERE / "scripts"))
@@ -1551,16 +1551,34 @@ def test_quality_measure_known_answers():
     collapsed = quality.measure(_grounds_video(grounds, one + 0.3), label, cfg)
     assert collapsed["spread_min"] == pytest.approx(0.0, abs=1e-6)
     assert collapsed["in_range"] == 0.0                                # 0.4 > 0.3 + TOL
-    data = quality.measure(_grounds_video(grounds, grounds), label, cfg)
-    assert quality.verdict(data, data, data, data) == []
-    assert quality.verdict(data, collapsed, data, data) == ["spread", "in_range"]
-    assert quality.verdict(moved, data, data, data) == ["bg_change"]
+    data = {**quality.measure(_grounds_video(grounds, grounds), label, cfg), "spread_min": 0.1}
+    assert quality.verdict(data, data, data) == []
+    assert quality.verdict(data, collapsed, data) == ["spread", "in_range"]
+    assert quality.verdict(moved, data, data) == ["bg_change"]
+    # motion: the blob steps 1 px a frame but once jumps back 9 px (19 px in 11 steps); a blob
+    # that stays put is frozen
+    assert m["speed"] == pytest.approx(19 / 11, abs=1e-4) and m["frozen"] == 0.0
+    still = _grounds_video(grounds, grounds, blob=False)
+    still[:, :, :, 5:8, 4:7], still[:, :, :, 6, 5] = 0.4, 1.0
+    frozen = quality.measure(still, label, cfg)
+    assert frozen["speed"] == 0.0 and frozen["frozen"] == 1.0 and frozen["blobs"] == 1.0
+    assert quality.mean_of([m, frozen])["frozen"] == 0.5
+    # students of several training seeds: one summary row, mean ± std over the seeds
+    row = lambda v, miss: {"1x": dict.fromkeys(quality.COLUMNS, v),             # noqa: E731
+                           "long": dict.fromkeys(quality.COLUMNS, v), "miss": miss}
+    groups = quality.by_training_seed({"hiar_s0, step-major": row(1.0, []),
+                                       "runs/x/hiar_s1.pt, step-major": row(2.0, ["blobs"]),
+                                       "ode_init, step-major": {"1x": {}, "long": {}}})
+    assert list(groups) == ["hiar, step-major"] and groups["hiar, step-major"]["seeds"] == [0, 1]
+    assert groups["hiar, step-major"]["1x"]["blobs"] == pytest.approx((1.5, 2 ** -0.5))
+    assert groups["hiar, step-major"]["miss"] == ["blobs"]
 
 
 def test_quality_cli_errors_are_one_line_and_come_before_any_work(tmp_path):
     cases = (["--ckpt", str(tmp_path / "none.pt") + ":block"], ["--ckpt", "ode_init"],
              ["--ckpt", "ode_init:sideways"], ["--ckpt"], ["--num", "0"], ["--long", "0"],
-             ["--guidance", "0"], ["--out", str(tmp_path)], ["--out", "/proc/x/q.md"])
+             ["--guidance", "0"], ["--out", str(tmp_path)], ["--out", "/proc/x/q.md"],
+             ["--seeds", "-1"])
     for case in cases:
         r = run_cli("scripts/quality.py", *case)
         lines = r.stderr.strip().splitlines()
