@@ -11,6 +11,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -1469,16 +1470,25 @@ def test_evidence_spread_is_over_training_seeds():
     assert evidence.fmt_row([1, 2, 3, 4, 5, 6], ["s0", "s1", "s2"], 2) == "3.50 ± 2.00"
 
 
-def test_background_tint_distance_sees_a_tint_change_at_a_constant_level():
-    """scripts/background_tint.py: a background that turns from red to green at the same mean
-    level is invisible to the `background` level measure and seen by the tint distance."""
+def test_evidence_ground_change_sees_a_tint_change_at_a_constant_level(monkeypatch):
+    """scripts/evidence.py: a ground that turns from red to green at the same mean level is
+    invisible to the `background` level measure and seen by the ground change from the first
+    block (RGB distance); videos without moving blobs count as frozen."""
     sys.path.insert(0, str(HERE / "scripts"))
-    import background_tint
-    video = torch.full((2, 12, 3, 8, 8), -1.0)
+    import evidence
+    video = torch.full((2, 40, 3, 8, 8), -1.0)
     video[:, :, 0] = -0.6                                   # red tint 0.2 (in [0, 1] units)
-    video[:, 6:, 0], video[:, 6:, 1] = -1.0, -0.6           # → green tint 0.2, same mean level
-    d = background_tint.tint_distance(iter([video[:, i:i + 3] for i in range(0, 12, 3)]), 3, 2, 12)
-    assert d[0] == pytest.approx(0.0, abs=1e-6) and d[1] == pytest.approx(0.2 * 2 ** 0.5, rel=1e-4)
+    video[:, 20:, 0], video[:, 20:, 1] = -1.0, -0.6         # → green tint 0.2, same mean level
+    monkeypatch.setattr(evidence, "rollout_stream",
+                        lambda *a: iter(video[:, t:t + 1] for t in range(40)))
+    cfg = SimpleNamespace(block=1, shapes=2)
+    res, _ = evidence.run_row({}, ["x"], "step", "next", 0.0, [0], 2, 40, [20, 40], cfg)
+    first, whole = evidence.combine(res[20]), evidence.combine(res[40])
+    assert first["ground_change"] == [pytest.approx(0.0, abs=1e-6)]
+    assert whole["ground_change"] == [pytest.approx(0.2 * 2 ** 0.5, rel=1e-4)]
+    assert whole["background"]["level"] == [pytest.approx(0.2 / 3, rel=1e-4)]
+    assert whole["background"]["drift"] == [pytest.approx(0.0, abs=1e-6)]
+    assert whole["frozen"] == [1.0]
 
 
 def test_context_probe_continues_like_block_major_and_measures_the_jump(model, cfg):

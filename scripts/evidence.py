@@ -8,7 +8,8 @@ side-by-side GIF.
     python scripts/evidence.py --rows 1,2 --no-gif # redo two rows, keep the rest of the json
 
 Writes docs/evidence.json, docs/evidence.md (full table), docs/evidence_summary.md (≤ 6
-columns), docs/drift_curves.png (needs matplotlib, the notebook extra) and docs/drift_40x.gif.
+columns), docs/claims.md (the paper's claims, with docs/quality.json from scripts/quality.py),
+docs/drift_curves.png (needs matplotlib, the notebook extra) and docs/drift_40x.gif.
 Videos stream through the meters block by block, so memory does not grow with the length.
 """
 from __future__ import annotations
@@ -27,32 +28,32 @@ import hiar  # noqa: E402
 import sample  # noqa: E402
 
 SF = [f"self_forcing_s{i}" for i in range(3)]     # one checkpoint per training seed
+HIAR_NO_FKL = [f"hiar_no_fkl_s{i}" for i in range(3)]
 HIAR = [f"hiar_s{i}" for i in range(3)]
 FIRST = [0]          # rows sampled with seed 0 only: the spread is then over training seeds
 # (row label, checkpoints (one per training seed), sampler, context level, x0 bias, sampling
-# seeds (None: --seeds))
+# seeds (None: --seeds)). The three students differ in one thing at a time: Self-Forcing-style
+# → HiAR without FKL is the order alone, → HiAR adds the forward-KL term alone.
 ROWS = [
     ("Self-Forcing-style, block-major", SF, "block", "clean", 0.0, None),
+    ("HiAR without FKL, step-major", HIAR_NO_FKL, "step", "next", 0.0, None),
     ("HiAR, step-major", HIAR, "step", "next", 0.0, None),
-    ("HiAR without FKL, step-major", ["hiar_no_fkl_s0"], "step", "next", 0.0, None),
-    ("HiAR, context t_j (inference only)", HIAR, "step", "current", 0.0, FIRST),
-    ("HiAR, context clean (inference only)", HIAR, "step", "clean", 0.0, FIRST),
+    ("HiAR, context t_j (inference only)", HIAR, "step", "current", 0.0, None),
+    ("HiAR, context clean (inference only)", HIAR, "step", "clean", 0.0, None),
     ("Self-Forcing weights, step-major", SF, "step", "next", 0.0, FIRST),
-    ("HiAR weights, block-major", HIAR, "block", "clean", 0.0, FIRST),
-    ("Self-Forcing-style, first-round recipe", ["self_forcing_r0_s0"], "block", "clean", 0.0,
-     None),
+    ("HiAR without FKL weights, block-major", HIAR_NO_FKL, "block", "clean", 0.0, FIRST),
     ("Self-Forcing-style + bias, block-major", SF, "block", "clean", 0.03, FIRST),
     ("HiAR + bias, step-major", HIAR, "step", "next", 0.03, FIRST),
-    ("ODE init, block-major", ["ode_init"], "block", "next", 0.0, None),
+    ("ODE init, block-major", ["ode_init"], "block", "clean", 0.0, None),
     ("ODE init, step-major", ["ode_init"], "step", "next", 0.0, None),
-    ("ODE init + bias, block-major", ["ode_init"], "block", "next", 0.03, None),
+    ("ODE init + bias, block-major", ["ode_init"], "block", "clean", 0.03, None),
     ("ODE init + bias, step-major", ["ode_init"], "step", "next", 0.03, None),
 ]
-GIF_ROWS = ("Self-Forcing-style, block-major", "HiAR, step-major", "ODE init, block-major",
-            "ODE init, step-major")
-CURVE_ROWS = ("Self-Forcing-style, block-major", "HiAR, step-major",
-              "HiAR without FKL, step-major", "ODE init, block-major")
+GIF_ROWS = ("Self-Forcing-style, block-major", "HiAR without FKL, step-major", "HiAR, step-major")
+CURVE_ROWS = ("Self-Forcing-style, block-major", "HiAR without FKL, step-major",
+              "HiAR, step-major", "ODE init, block-major")
 CURVE_POINTS = 20
+FROZEN = 0.25     # px/frame: a video whose blobs move slower is frozen (scripts/quality.py)
 
 
 def rollout_stream(models, ck, sampler, ctx, bias, seed, num, frames, cfg):
@@ -73,16 +74,20 @@ def run_row(models, ckpts, sampler, ctx, bias, seeds, num, frames, lengths, cfg)
         for seed in seeds:
             meters = {L: sample.DriftMeter(L, cfg.block, cfg.shapes) for L in lengths}
             curve = sample.DriftMeter(frames, cfg.block, cfg.shapes, segments=CURVE_POINTS)
-            t = 0
+            t, first, change = 0, None, {}
             with torch.no_grad():
                 for x in rollout_stream(models, ck, sampler, ctx, bias, seed, num, frames, cfg):
                     for L, m in meters.items():
                         if t < L:
                             m.update(x[:, :L - t])
                     curve.update(x)
+                    g = sample.ground(x).mean(1)                # (B, 3): this block's ground
+                    first = g if first is None else first
                     t += x.shape[1]
+                    if t in meters:                             # the last block of length t
+                        change[t] = (g - first).norm(dim=-1)    # (B,) ground change from block 0
             for L, m in meters.items():
-                out[L].append(m.result())
+                out[L].append({**m.result(), "ground_change": change[L]})
             curves.append(curve.sums)
     return out, curves
 
@@ -105,10 +110,15 @@ def side_by_side_gif(models, cfg, frames: int, path: Path):
 
 
 def combine(results: list[dict]) -> dict:
-    """Per measure: level and drift as mean over videos per rollout (one per ckpt × seed)."""
-    return {name: {"level": [r[name][0].nanmean().item() for r in results],
-                   "drift": [r[name][1].nanmean().item() for r in results]}
-            for name in sample.MEASURES}
+    """Per measure: level and drift as mean over videos per rollout (one per ckpt × seed); the
+    ground's change from the first block to the last (RGB distance) and the share of frozen
+    videos (speed level < FROZEN), per rollout."""
+    out = {name: {"level": [r[name][0].nanmean().item() for r in results],
+                  "drift": [r[name][1].nanmean().item() for r in results]}
+           for name in sample.MEASURES}
+    out["ground_change"] = [r["ground_change"].mean().item() for r in results]
+    out["frozen"] = [(r["speed"][0] < FROZEN).float().mean().item() for r in results]
+    return out
 
 
 def spread_of(data: list[dict]) -> dict:
@@ -162,12 +172,7 @@ def main(argv=None):
     out, ckdir = Path(args.out), Path(args.ckpt_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.table_only:
-        ev = load_evidence(out / "evidence.json")
-        full, summary = tables(ev, argparse.Namespace(**ev["args"]))
-        (out / "evidence.md").write_text(full)
-        (out / "evidence_summary.md").write_text(summary)
-        print(summary)
-        return
+        return write_tables(load_evidence(out / "evidence.json"), out)
     torch.set_num_threads(args.threads)
     rows = ROWS if args.rows is None else [ROWS[int(i)] for i in args.rows.split(",") if i]
     models, cfg = {}, None
@@ -216,10 +221,7 @@ def main(argv=None):
     order = ["data"] + [r[0] for r in ROWS]
     ev["rows"] = {k: ev["rows"][k] for k in order if k in ev["rows"]}
     (out / "evidence.json").write_text(json.dumps(ev, indent=1))
-    full, summary = tables(ev, args)
-    (out / "evidence.md").write_text(full)
-    (out / "evidence_summary.md").write_text(summary)
-    print(summary)
+    write_tables(ev, out)
     if args.gif:
         side_by_side_gif(models, cfg, frames, out / "drift_40x.gif")
     plot_curves(ev, out / "drift_curves.png", lengths[-1], cfg.frames)
@@ -240,45 +242,152 @@ def fmt_row(values, ckpts, digits=3, sign=False) -> str:
     return f.format(t.mean()) + ("" if len(t) < 2 else f" ± {t.std():.{digits}f}")
 
 
+def write_tables(ev: dict, out: Path):
+    """docs/evidence.md, docs/evidence_summary.md and docs/claims.md from the evidence (and
+    docs/quality.json, scripts/quality.py's numbers at 1× and 8×, where it exists)."""
+    args = argparse.Namespace(**ev["args"])
+    full, summary = tables(ev, args)
+    (out / "evidence.md").write_text(full)
+    (out / "evidence_summary.md").write_text(summary)
+    q = out / "quality.json"
+    (out / "claims.md").write_text(claims(ev, json.loads(q.read_text()) if q.exists() else {}))
+    print(summary)
+
+
+def _get(by_len: dict, L: int) -> dict:
+    return by_len[L] if L in by_len else by_len[str(L)]
+
+
 def tables(ev: dict, args) -> tuple[str, str]:
     """The full table (every measure, both lengths) and the README summary (≤ 6 columns)."""
     L0, L1 = ev["lengths"]
-    get = lambda by_len, L: by_len[L] if L in by_len else by_len[str(L)]   # noqa: E731
+    extra = ("ground_change", "frozen")
     head = ("| rollout | length | seeds (training × sampling) | drift score | "
-            + " | ".join(sample.MEASURES) + " |\n" + "|---" * (len(sample.MEASURES) + 4) + "|")
+            + " | ".join(sample.MEASURES + extra) + " |\n"
+            + "|---" * (len(sample.MEASURES) + len(extra) + 4) + "|")
     lines = [head]
     for label, by_len in ev["rows"].items():
         for L in (L0, L1):
-            r = get(by_len, L)
+            r = _get(by_len, L)
             ck = r["ckpts"] or ["data"]
             seeds = f"{len(ck)} × {len(r['seeds'])}" if r["ckpts"] else f"– × {len(r['seeds'])}"
             cells = [fmt_row(r["score"], ck, 2)]
             for name in sample.MEASURES:
                 m = r["measures"][name]
                 cells.append(f"{fmt_row(m['level'], ck)} / {fmt_row(m['drift'], ck, 4, True)}")
+            cells += [fmt_row(r["measures"][k], ck) if k in r["measures"] else "–"
+                      for k in extra]
             lines.append(f"| {label} | {L} | {seeds} | " + " | ".join(cells) + " |")
-    note = (f"\nEach measure: level (mean over the video) / drift (slope per segment, 5 segments). "
-            f"Mean ± std over **training seeds** (each the mean of its sampling seeds) where a row "
-            f"has several checkpoints, else over sampling seeds; {args.num} videos per rollout. "
+    note = ("\nEach measure: level (mean over the video) / drift (slope per segment, 5 "
+            "segments). Mean ± std over **training seeds** (each the mean of its sampling seeds) "
+            f"where a row has several checkpoints, else over sampling seeds; {args.num} videos "
+            "per rollout. "
             f"Drift score: each video's mean |drift| over the attribute levels "
             f"({', '.join(sample.SCORED)}) in units of the data's spread between "
             f"videos (0 = flat; the data row's score is the metric's noise floor). Measures: "
-            + "; ".join(f"{k}: {v}" for k, v in sample.DESCRIPTIONS.items()) + ".\n")
-    summary = [f"| rollout, {L1} frames | drift score | background | saturation | speed | "
+            + "; ".join(f"{k}: {v}" for k, v in sample.DESCRIPTIONS.items())
+            + "; ground_change: RGB distance of the last block's ground (median colour) from the "
+            f"first block's; frozen: share of videos whose blobs move < {FROZEN} px/frame.\n")
+    summary = [f"| rollout, {L1} frames | drift score | ground change | speed | frozen | "
                "hue error |", "|---|---|---|---|---|---|"]
     for label, by_len in ev["rows"].items():
-        r = get(by_len, L1)
+        r = _get(by_len, L1)
         m, ck = r["measures"], r["ckpts"] or ["data"]
-        cells = [f"{torch.tensor(m[n]['level']).mean():.3f} "
-                 f"({torch.tensor(m[n]['drift']).mean():+.3f})"
-                 for n in ("background", "saturation", "speed")]
-        summary.append(f"| {label} | {fmt_row(r['score'], ck, 2)} | " + " | ".join(cells)
-                       + f" | {torch.tensor(m['hue_err']['level']).mean():.3f} |")
-    summary.append(f"\nDrift score: mean ± std over training seeds (the row's checkpoints, "
-                   "each the mean of its sampling seeds) for rows with several; over sampling "
-                   f"seeds otherwise; {args.num} videos a rollout; other cells: level (drift per "
-                   "segment), means. Full table: docs/evidence.md.")
+        cells = [fmt_row(r["score"], ck, 2),
+                 fmt_row(m["ground_change"], ck) if "ground_change" in m else "–",
+                 fmt_row(m["speed"]["level"], ck, 2),
+                 f"{torch.tensor(m['frozen']).mean():.2f}" if "frozen" in m else "–",
+                 f"{torch.tensor(m['hue_err']['level']).mean():.3f}"]
+        summary.append(f"| {label} | " + " | ".join(cells) + " |")
+    summary.append(f"\nMean ± std over training seeds (the row's checkpoints, each the mean of "
+                   "its sampling seeds) for rows with several; over sampling seeds otherwise; "
+                   f"{args.num} videos a rollout; frozen and hue error: means. Full table: "
+                   "docs/evidence.md.")
     return "\n".join(lines) + note, "\n".join(summary) + "\n"
+
+
+def claims(ev: dict, quality: dict) -> str:
+    """The paper's claims on the matched students (docs/claims.md): each number mean ± std over
+    training seeds (3 sampling seeds each) — quality at 1× and 8× from scripts/quality.py,
+    drift and the ground at 8× and 40×, motion — one table per claim."""
+    L0, L1 = ev["lengths"]
+    rows, groups = ev["rows"], quality.get("by_training_seed", {})
+    n0, n1 = L0 // (L1 // ev["args"]["long"]), ev["args"]["long"]     # lengths in × training
+
+    def evi(label, L, key, digits=3):
+        if label not in rows:
+            return "–"
+        r = _get(rows[label], L)
+        ck, m = r["ckpts"] or ["data"], r["measures"]
+        if key == "score":
+            return fmt_row(r["score"], ck, 2)
+        v = m.get(key)
+        return "–" if v is None else fmt_row(v["level"] if isinstance(v, dict) else v, ck, digits)
+
+    def qual(student, part, key):
+        g = groups.get(student)
+        return "–" if g is None else f"{g[part][key][0]:.3f} ± {g[part][key][1]:.3f}"
+
+    students = [("Self-Forcing-style (block-major, λ = 0)", "self_forcing, block-major",
+                 "Self-Forcing-style, block-major"),
+                ("HiAR without FKL (step-major, λ = 0)", "hiar_no_fkl, step-major",
+                 "HiAR without FKL, step-major"),
+                ("HiAR (step-major, λ = 0.1)", "hiar, step-major", "HiAR, step-major")]
+    qs = quality.get("seeds", [])
+    out = ["# The paper's claims on the matched students", "",
+           f"Made by `python scripts/quality.py --seeds {' '.join(map(str, qs))} --out "
+           "docs/quality.md` and `python scripts/evidence.py` (this file: `--table-only`). "
+           "Three students from one ODE init and one DMD recipe, three training seeds each; "
+           "they differ in one thing at a time. Every cell: mean ± std over the training seeds, "
+           "each the mean of its sampling seeds "
+           f"({len(qs)} × {quality.get('num', '–')} clips at 1× and "
+           f"{quality.get('long', '–')}×; "
+           f"{len(ev['args']['seeds'])} × {ev['args']['num']} videos at {n0}× and {n1}×).", "",
+           "## 1. The order alone", "",
+           f"| student | 1×: ground change | 1×: blobs / frame | {n0}×: label spread | {n0}×: "
+           f"in range | drift score {n0}× | drift score {n1}× | ground change {n0}× | "
+           f"ground change {n1}× |", "|---" * 9 + "|"]
+    for name, q, e in students:
+        out.append(f"| {name} | {qual(q, '1x', 'bg_change')} | {qual(q, '1x', 'blobs')} | "
+                   f"{qual(q, 'long', 'spread_min')} | {qual(q, 'long', 'in_range')} | "
+                   f"{evi(e, L0, 'score')} | {evi(e, L1, 'score')} | "
+                   f"{evi(e, L0, 'ground_change')} | {evi(e, L1, 'ground_change')} |")
+    out += ["", "The same weights sampled in both orders (sampling seed 0 only; the ODE init: "
+            "3 sampling seeds):", "",
+            f"| weights | block-major: drift score {n1}× | step-major: drift score {n1}× | "
+            f"block-major: ground change {n1}× | step-major: ground change {n1}× |",
+            "|---|---|---|---|---|"]
+    for w, blk, stp in (("ODE init", "ODE init, block-major", "ODE init, step-major"),
+                        ("Self-Forcing-style", "Self-Forcing-style, block-major",
+                         "Self-Forcing weights, step-major"),
+                        ("HiAR without FKL", "HiAR without FKL weights, block-major",
+                         "HiAR without FKL, step-major"),
+                        ("ODE init + bias 0.03", "ODE init + bias, block-major",
+                         "ODE init + bias, step-major"),
+                        ("distilled + bias 0.03", "Self-Forcing-style + bias, block-major",
+                         "HiAR + bias, step-major")):
+        out.append(f"| {w} | {evi(blk, L1, 'score')} | {evi(stp, L1, 'score')} | "
+                   f"{evi(blk, L1, 'ground_change')} | {evi(stp, L1, 'ground_change')} |")
+    out += ["", "## 2. The context level (HiAR students, inference only)", "",
+            f"| context | drift score {n0}× | drift score {n1}× | ground change {n1}× | "
+            f"hue error {n1}× | blobs' size {n1}× |", "|---|---|---|---|---|---|"]
+    for name, e in (("t_{j+1} (HiAR's)", "HiAR, step-major"),
+                    ("t_j", "HiAR, context t_j (inference only)"),
+                    ("clean", "HiAR, context clean (inference only)")):
+        out.append(f"| {name} | {evi(e, L0, 'score')} | {evi(e, L1, 'score')} | "
+                   f"{evi(e, L1, 'ground_change')} | {evi(e, L1, 'hue_err')} | "
+                   f"{evi(e, L1, 'size')} |")
+    out += ["", "## 3. Forward KL alone (motion)", "",
+            f"| student | 1×: speed (px / frame) | 1×: frozen | {n0}×: speed | {n1}×: speed | "
+            f"{n1}×: frozen |", "|---|---|---|---|---|---|"]
+    data_q = quality.get("rows", {}).get("data", {}).get("1x", {})
+    d1 = [f"{data_q[k]:.3f}" if k in data_q else "–" for k in ("speed", "frozen")]
+    out.append(f"| data | {d1[0]} | {d1[1]} | {evi('data', L0, 'speed')} | "
+               f"{evi('data', L1, 'speed')} | {evi('data', L1, 'frozen')} |")
+    for name, q, e in students[1:]:
+        out.append(f"| {name} | {qual(q, '1x', 'speed')} | {qual(q, '1x', 'frozen')} | "
+                   f"{evi(e, L0, 'speed')} | {evi(e, L1, 'speed')} | {evi(e, L1, 'frozen')} |")
+    return "\n".join(out) + "\n"
 
 
 def plot_curves(ev: dict, path: Path, frames: int, train_frames: int):
