@@ -1562,6 +1562,8 @@ def test_quality_measure_known_answers():
     assert collapsed["spread_min"] == pytest.approx(0.0, abs=1e-6)
     assert collapsed["in_range"] == 0.0                                # 0.4 > 0.3 + TOL
     data = {**quality.measure(_grounds_video(grounds, grounds), label, cfg), "spread_min": 0.1}
+    assert quality.verdict(data, data, data) == ["blobs"]           # one blob a frame < 1.55
+    data["blobs"] = moved["blobs"] = 1.7
     assert quality.verdict(data, data, data) == []
     assert quality.verdict(data, collapsed, data) == ["spread", "in_range"]
     assert quality.verdict(moved, data, data) == ["bg_change"]

@@ -6,7 +6,7 @@ At the first DMD step the critic is the teacher, so the step a student's x0 take
 x0_real − x0_fake = x0_teacher(CFG w) − x0_teacher(CFG 1) = (w − 1)·(x0_label − x0_∅). This
 prints that difference per label, averaged over the background pixels of ODE-init samples (a
 pixel whose brightest channel is below 0.35), for a few σ: RGB in the data's [-1, 1] units.
-docs/levers.md reads it against where the students' grounds go.
+docs/distillation.md reads it against where the students' grounds go.
 """
 from __future__ import annotations
 

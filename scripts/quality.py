@@ -42,9 +42,10 @@ FROZEN = 0.25     # pixels / frame: a clip whose blobs move slower is frozen (th
 TEACHER_STEPS = 24
 COLUMNS = ("bg_change", "blobs", "value", "radius", "speed", "frozen", "spread_min", "in_range")
 # A student near its teacher: at 1× its ground moves at most 0.035 (teacher CFG 3: 0.015, data
-# 0.004), it keeps the teacher's blobs (within 0.1 a frame) and their radius (within 0.15 px);
-# at 8× each label keeps grounds apart (spread >= 0.06; data 0.13) and inside the data's range.
-TARGETS = dict(bg_change=0.035, blobs=0.1, radius=0.15, spread=0.06, in_range=0.9)
+# 0.004), it keeps >= 1.55 blobs a frame (teacher CFG 3: 1.65-1.70, data 1.71) and the teacher's
+# radius (within 0.15 px); at 8× each label keeps grounds apart (spread >= 0.06; data 0.13) and
+# >= 90 % of them inside the data's range.
+TARGETS = dict(bg_change=0.035, blobs=1.55, radius=0.15, spread=0.06, in_range=0.9)
 
 
 def measure(video, label, cfg: hiar.Config) -> dict:
@@ -73,12 +74,12 @@ def measure(video, label, cfg: hiar.Config) -> dict:
 
 
 def verdict(student_1x: dict, student_long: dict, teacher: dict) -> list[str]:
-    """The TARGETS a student misses, relative to the teacher at the student's own real-score
-    guidance where they are relative; [] = near its teacher."""
+    """The TARGETS a student misses (the radius relative to the teacher at the student's own
+    real-score guidance); [] = near its teacher."""
     miss = []
     if not student_1x["bg_change"] <= TARGETS["bg_change"]:
         miss.append("bg_change")
-    if not student_1x["blobs"] >= teacher["blobs"] - TARGETS["blobs"]:
+    if not student_1x["blobs"] >= TARGETS["blobs"]:
         miss.append("blobs")
     if not student_1x["radius"] <= teacher["radius"] + TARGETS["radius"]:
         miss.append("radius")
@@ -196,7 +197,7 @@ def tables(out: dict, cfg: hiar.Config) -> str:
              f"each row the mean over them; 1× = {cfg.frames} frames, long = {L}×; frozen: "
              f"share of clips whose blobs move < {FROZEN} px/frame). misses: the targets "
              f"(TARGETS in the script: 1× ground change <= {TARGETS['bg_change']}, blobs >= "
-             f"the teacher's − {TARGETS['blobs']}, radius <= the teacher's + "
+             f"{TARGETS['blobs']}, radius <= the teacher's + "
              f"{TARGETS['radius']}, {L}× spread >= {TARGETS['spread']}, in range >= "
              f"{TARGETS['in_range']:.0%}) a student misses, against the teacher at its "
              "real-score guidance.", "", head]
