@@ -252,7 +252,7 @@ def save_gif(path, frames: np.ndarray, fps: int = 8):
 
 
 # ------------------------------------------------------------------------------------------------
-# Drift metrics v2: toy ground truth instead of the paper's image-quality networks. The paper's
+# Drift metrics: toy ground truth instead of the paper's image-quality networks. The paper's
 # drift: split a long video into 5 segments; the drift of a measure is the slope of a linear fit
 # of its segment means. Every appearance attribute of a clip persists in the data, so a clip's
 # own first block is its truth: hue error is measured against it, and value, saturation, size and

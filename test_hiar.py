@@ -199,7 +199,7 @@ def test_config_presets_roundtrip_and_unknowns():
 
 
 # ------------------------------------------------------------------------------------------------
-# Toy data v2: per-clip appearance, label, physics
+# Toy data: per-clip appearance, label, physics
 # ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -946,7 +946,7 @@ def test_teacher_ode_keeps_states_at_requested_levels_and_guides(cfg):
 
 
 # ------------------------------------------------------------------------------------------------
-# Drift metrics v2 (sample.py): known answers
+# Drift metrics (sample.py): known answers
 # ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -1666,6 +1666,40 @@ def test_reports_carry_no_machine_paths():
     assert toy_report.shown(HERE / "checkpoints" / "teacher.pt") == "checkpoints/teacher.pt"
     for p in [*(HERE / "docs").rglob("*.md"), *(HERE / "docs").rglob("*.json")]:
         assert str(HERE) not in p.read_text() and "/work/" not in p.read_text(), p.name
+
+
+def test_readme_claims_quote_docs_claims_which_come_from_the_evidence():
+    """The README's claims table quotes docs/claims.md — every 'mean ± std' in it is there — and
+    docs/claims.md is what scripts/evidence.py makes of docs/evidence.json and
+    docs/quality.json."""
+    import re
+    sys.path.insert(0, str(HERE / "scripts"))
+    import evidence
+    table = (HERE / "README.md").read_text().split("## What the toy shows", 1)[1]
+    table = table.split("\n## ", 1)[0]
+    claims = (HERE / "docs" / "claims.md").read_text()
+    quoted = re.findall(r"\d+\.\d+ ± \d+\.\d+", table)
+    assert len(quoted) >= 6 and not [q for q in quoted if q not in claims], quoted
+    ev = evidence.load_evidence(HERE / "docs" / "evidence.json")
+    quality = json.loads((HERE / "docs" / "quality.json").read_text())
+    assert evidence.claims(ev, quality) == claims
+
+
+def test_docs_link_only_to_files_the_repo_has_and_speak_without_the_tracker():
+    """Every relative link of README.md and docs/*.md resolves; no text names the project's
+    tracker (its issue numbers, items, rounds), which a reader of the repo cannot see."""
+    import re
+    pages = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)", page.read_text()):
+            if "://" not in target:
+                assert (page.parent / target).exists(), f"{page.name} links to {target}"
+    tracker = re.compile(r"\bissue \d|\bitem \d|this (round|session)\b|\b(toy|metrics) v\d\b",
+                         re.IGNORECASE)
+    files = subprocess.run(["git", "ls-files", "*.md", "*.py", "*.ipynb", ".ci/run"], cwd=HERE,
+                           capture_output=True, text=True).stdout.split()
+    hits = [f for f in files if (HERE / f).exists() and tracker.search((HERE / f).read_text())]
+    assert not hits, hits
 
 
 def test_ci_runs_exactly_the_readme_test_command():

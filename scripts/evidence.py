@@ -1,5 +1,5 @@
 """Regenerate the README's evidence from the shipped checkpoints: long rollouts of each row,
-drift metrics v2 (sample.DriftMeter) at 8× and 40× the training length, mean ± std over
+the drift metrics (sample.DriftMeter) at 8× and 40× the training length, mean ± std over
 sampling seeds (and over training seeds where a row has several checkpoints), drift curves and a
 side-by-side GIF.
 
