@@ -194,9 +194,8 @@ def frame_sigma(sigma, B: int, T: int, device=None) -> torch.Tensor:
 # ==== 4. Model: a video transformer with per-frame σ, block-causal attention, KV cache =======
 
 def attention_mask(q_frames, k_frames, block: int, window: int, causal: bool):
-    """Which key frames each query frame may see, (Lq, Lk) bool from absolute frame indices.
-    Block-causal (student): a query in block m sees blocks <= m, and (rolling window) only keys
-    at most `window − block` frames before its block starts. Full (teacher): None = all."""
+    """Which key frames each query frame may see, (Lq, Lk) bool from absolute frame indices:
+    block-causal, blocks <= its own within `window` frames ending with its block; full: None."""
     if not causal:
         return None
     q_start, k = (q_frames // block * block)[:, None], k_frames[None, :]
@@ -204,9 +203,8 @@ def attention_mask(q_frames, k_frames, block: int, window: int, causal: bool):
 
 
 def rope(x, frame, base: float = 100.0):
-    """Temporal RoPE over the frame index, x (B, h, L, d), frame (L,): scores depend only on
-    frame *differences*, so with the rolling window a video of any length only shows the
-    student offsets it saw in training. (Space: a learned per-patch embedding.)"""
+    """Temporal RoPE over the frame index, x (B, h, L, d), frame (L,): scores depend only on frame
+    *differences*, so a rolling window shows any length only offsets seen in training."""
     d = x.shape[-1]
     freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
     ang = frame.to(torch.float32)[:, None] * freq[None]                                # (L, d/2)
@@ -215,27 +213,35 @@ def rope(x, frame, base: float = 100.0):
 
 
 class KVCache:
-    """Keys (RoPE-rotated) and values of the context frames per layer; the rolling window keeps
-    at most `max_frames` frames."""
+    """Keys (before RoPE) and values of the context frames per layer: the newest of at most
+    `max_frames` (a rolling window) and the first `sink` (an attention sink, StreamingLLM)."""
 
-    def __init__(self, depth: int, max_frames: int, tokens_per_frame: int):
+    def __init__(self, depth: int, max_frames: int, tokens_per_frame: int, sink: int = 0):
         self.k, self.v = [None] * depth, [None] * depth    # per layer (B, h, L, d)
         self.frame = None                                  # (L,) absolute frame of each token
-        self.max_tokens = max_frames * tokens_per_frame
+        self.max_tokens, self.sink = max_frames * tokens_per_frame, sink * tokens_per_frame
 
     def __len__(self):
         return 0 if self.frame is None else len(self.frame)
 
     def append(self, layer: int, k, v, frame):
         """Append one layer's keys/values (B, h, L, d) of frames `frame` (L,); keep the newest."""
-        def newest(old, new, dim=-2):
+        def newest(old, new, dim=-2):                  # … and the sink's, before them
             t = new if old is None else torch.cat([old, new], dim)
-            keep = min(t.shape[dim], self.max_tokens)
-            return t.narrow(dim, t.shape[dim] - keep, keep)
+            s, L = self.sink, t.shape[dim]
+            return torch.cat([t.narrow(dim, 0, s), t.narrow(dim, max(s, L - self.max_tokens + s),
+                                                            min(L, self.max_tokens) - s)], dim)
         self.k[layer] = newest(self.k[layer], k)    # gradient only if written with it (write)
         self.v[layer] = newest(self.v[layer], v)
         if layer == len(self.k) - 1:       # after the last layer: all layers saw the old index
             self.frame = newest(self.frame, frame, 0)
+
+    def frames(self):
+        """Each token's frame as queries see it (RoPE rotates its key to it): a sink the window
+        has left moves up to just before the oldest frame kept, an offset seen in training."""
+        s, f = self.sink, self.frame
+        d = int(f[s] - f[s - 1]) - 1 if 0 < s < len(f) else 0     # the gap the sink closes
+        return torch.cat([f[:s] + d, f[s:]])
 
 
 def modulate(x, shift, scale):
@@ -258,20 +264,20 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
-    def forward(self, x, c, frame, mask, cache: KVCache | None, layer: int, write: int):
-        # x, c: (B, L, D) tokens and condition; frame (L,); mask (L, cached + L) or None
+    def forward(self, x, c, frame, k_frame, mask, cache: KVCache | None, layer: int, write: int):
+        # x, c: (B, L, D) tokens and condition; frame (L,); k_frame, mask columns: context + L
         B, L, D = x.shape
         (shift_msa, scale_msa, gate_msa,
          shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c).chunk(6, dim=-1)
         q, k, v = self.qkv(modulate(self.norm1(x), shift_msa, scale_msa)).view(
             B, L, 3, self.heads, -1).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))                 # (B, h, L, d)
-        q, k = rope(q, frame), rope(k, frame)
         k_all, v_all = k, v
         if cache is not None and len(cache):                              # context first
             k_all, v_all = torch.cat([cache.k[layer], k], -2), torch.cat([cache.v[layer], v], -2)
         if cache is not None and write:                                   # first `write` tokens
             cache.append(layer, k[:, :, :write], v[:, :, :write], frame[:write])
+        q, k_all = rope(q, frame), rope(k_all, k_frame)         # keys at their (moved) frames
         att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
         x = x + gate_msa * self.proj(att.transpose(1, 2).reshape(B, L, D))
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -307,16 +313,15 @@ class VideoDiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def new_cache(self) -> KVCache:
-        """An empty KV cache for the `window − block` context frames a block may see."""
-        cfg = self.cfg
-        return KVCache(cfg.depth, cfg.window_frames - cfg.block, cfg.tokens_per_frame)
+    def new_cache(self, sink: bool = False) -> KVCache:
+        """An empty KV cache for the `window − block` context frames (`sink`: block 0 stays)."""
+        c = self.cfg
+        return KVCache(c.depth, c.window_frames - c.block, c.tokens_per_frame, c.block * sink)
 
     def forward(self, x, sigma, label=None, frame0: int = 0, causal: bool = True,
                 cache: KVCache | None = None, write_frames: int = 0):
-        """x (B, T, 3, H, W) at levels sigma (B, T) (or float / (B,)) → v_hat (B, T, 3, H, W).
-        frame0: x's first absolute frame. With a cache, x also attends to the cached frames, and
-        the keys/values of its first `write_frames` frames are appended to it."""
+        """x (B, T, 3, H, W) at levels sigma (B, T), (B,) or float, first frame frame0 → v_hat
+        (B, T, 3, H, W). With a cache x also sees its frames, and appends its first write_frames."""
         cfg, p = self.cfg, self.cfg.patch
         B, T, C, H, W = x.shape
         assert (C, H, W) == (3, cfg.size, cfg.size), f"frame shape {(C, H, W)} is not the model's"
@@ -332,10 +337,10 @@ class VideoDiT(nn.Module):
         c = torch.stack([self.t_mlp(e) for e in timestep_embedding(s, cfg.dim)])  # (B, T, D)
         c = (c + self.label_emb(lab.to(x.device))[:, None]).repeat_interleave(P, 1)  # (B, L, D)
         frame = torch.arange(frame0, frame0 + T, device=x.device).repeat_interleave(P)  # (L,)
-        k_frame = torch.cat([cache.frame, frame]) if cache is not None and len(cache) else frame
+        k_frame = torch.cat([cache.frames(), frame]) if cache is not None and len(cache) else frame
         mask = attention_mask(frame, k_frame, cfg.block, cfg.window_frames, causal)
         for i, blk in enumerate(self.blocks):
-            h = blk(h, c, frame, mask, cache, i, write_frames * P)
+            h = blk(h, c, frame, k_frame, mask, cache, i, write_frames * P)
         shift, scale = self.adaLN_out(c).chunk(2, dim=-1)
         out = self.patch_out(modulate(self.norm_out(h), shift, scale))         # (B, L, C·p·p)
         out = out.reshape(B, T, H // p, W // p, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)
@@ -361,7 +366,6 @@ class VideoDiT(nn.Module):
 # Cell (n, j) denoises block n from σ_j (x0_hat = x − σ_j·v_hat) and re-noises x0_hat to
 # σ_{j+1} with fresh noise ε[j + 1, n] (SDE-style, as Self-Forcing). ε has a seed per video,
 # block and step (EDM's per-sample seeding): every order, pipeline and batch draw the same.
-
 
 def _cell_seed(seed: int, n: int, j: int) -> int:
     """A well-mixed 63-bit seed for ε[j, n] of a video with seed `seed` (splitmix64)."""
@@ -407,13 +411,13 @@ def _setup(model: VideoDiT, noise, frames: int, exit_step):
 
 
 def block_major(model: VideoDiT, noise: Noise, frames: int, label=None, exit_step=None,
-                x0_bias=0.0, cache_grad: bool = False):
+                x0_bias=0.0, cache_grad: bool = False, sink: bool = False):
     """For n: for j: cell (n, j); then one pass caches the clean block (K + 1 passes a block);
     yields each block (B, b, 3, H, W). `exit_step` j* (training) stops every block at j*, the
     only step with gradient (its context writes keep it if `cache_grad`, as the official cache);
-    `x0_bias` is added to every x0 (a stand-in for an error). Context always clean: no context_t."""
+    `x0_bias` is added to every x0; `sink`: see KVCache. Context always clean: no context_t."""
     K, N, J, σ = _setup(model, noise, frames, exit_step)
-    b, grad, cache = model.cfg.block, torch.is_grad_enabled(), model.new_cache()
+    b, grad, cache = model.cfg.block, torch.is_grad_enabled(), model.new_cache(sink)
     for n in range(N):
         x = noise(0, n)                                               # block n at σ_0 = 1
         for j in range(J + 1):
@@ -434,7 +438,7 @@ def sample_block_major(model: VideoDiT, noise: Noise, frames: int, label=None, *
 
 
 def sample_step_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t="next",
-                      exit_step=None, x0_bias=0.0, cache_grad=False) -> torch.Tensor:
+                      exit_step=None, x0_bias=0.0, cache_grad=False, sink=False) -> torch.Tensor:
     """Paper Alg. 1: for each step j a fresh cache; for each block n, cell (n, j), then block n
     is written at the context level t_c (Eq. 9) for the blocks after it; 2K passes a block.
     `context_t` (Table 2): 'next' = t_{j+1} (HiAR's), 'current' = t_j or 'clean' = 0."""
@@ -444,7 +448,7 @@ def sample_step_major(model: VideoDiT, noise: Noise, frames: int, label=None, co
     x = [noise(0, n) for n in range(N)]                               # every block at σ_0 = 1
     out = [None] * N
     for j in range(J + 1):                                            # Alg. 1: for each step
-        cache = model.new_cache()                                     #   the context of step j
+        cache = model.new_cache(sink)                                 #   the context of step j
         for n in range(N):                                            #   for each block
             with torch.set_grad_enabled(grad and j == J):
                 v_hat = model(x[n], σ[j], label, frame0=n * b, cache=cache)
@@ -471,7 +475,7 @@ def fused_pass(model: VideoDiT, cache: KVCache, x_c, σ_c, x, σ_j: float, n: in
 
 def step_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t: str = "next",
                exit_step=None, x0_bias=0.0, fused: bool = False, steps: range | None = None,
-               inputs=None, cache_grad: bool = False):
+               inputs=None, cache_grad: bool = False, sink: bool = False):
     """Step-major as a stream. Cell (n, j) needs only (n − 1, j), via step j's cache, and
     (n, j − 1), its input, so this order (block n's steps before block n + 1's; K caches, one
     block held) gives Alg. 1's video bitwise. As a pipeline stage: run only `steps` on blocks
@@ -481,7 +485,7 @@ def step_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t
     if fused and torch.is_grad_enabled():           # see fused_pass: its gradients differ
         raise ValueError("fused=True is for inference: run it under torch.no_grad()")
     steps, b, grad = steps or range(J + 1), model.cfg.block, torch.is_grad_enabled()
-    cache = {j: model.new_cache() for j in steps}                    # one context per step
+    cache = {j: model.new_cache(sink) for j in steps}                # one context per step
     held = {}                                                        # fused: block n − 1's write
     inputs = iter(inputs) if inputs is not None else (noise(0, n) for n in range(N))
     for n in range(N):
@@ -503,10 +507,9 @@ def step_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t
         yield x0_hat if steps[-1] == J else x
 
 # ==== 8. Pipelined step-major sampler: the wavefront ==============================================
-# The cells of one anti-diagonal n + j are independent, so the steps can run as a pipeline:
-# stream s owns a group of steps (a KV cache each), takes block n from stream s − 1, runs its
-# steps and hands it on; stream s runs block n in time slot n + s. The N blocks finish in
-# N + S − 1 slots instead of N·S. (Across processes: sample.distributed.)
+# Cells on one anti-diagonal n + j are independent, so the steps run as a pipeline: stream s
+# owns a group of steps (a KV cache each) and runs block n in time slot n + s, then hands it on;
+# N blocks take N + S − 1 slots instead of N·S. (Across processes: sample.distributed.)
 
 
 def step_groups(K: int, S: int) -> list[range]:
@@ -525,10 +528,9 @@ def pipeline_schedule(N: int, K: int, S: int) -> list[dict]:
 @torch.no_grad()
 def pipelined(model: VideoDiT, noise: Noise, frames: int, label=None, context_t: str = "next",
               streams: int = 2, threads_per_stream: int | None = 1, fused: bool = False,
-              depth: int = 2):
-    """Step-major as a wavefront: `streams` threads (CUDA streams on a GPU), one stage each,
-    joined by queues of `depth` blocks. Every pass sees what it sees in `step_major`: the same
-    video, bitwise on the CPU at `threads_per_stream` intra-op threads (None: the caller's)."""
+              depth: int = 2, sink: bool = False):
+    """Step-major as a wavefront: `streams` threads (on a GPU, CUDA streams), a stage each, joined
+    by queues of `depth` blocks: step_major's video, bitwise on the CPU at `threads_per_stream`."""
     groups, N = step_groups(noise.K, streams), frames // model.cfg.block
     pipes = [queue.Queue(maxsize=depth) for _ in range(streams + 1)]  # pipes[s]: into stage s
     stop, caller_threads = threading.Event(), torch.get_num_threads()
@@ -556,7 +558,7 @@ def pipelined(model: VideoDiT, noise: Noise, frames: int, label=None, context_t:
             inputs = (noise(0, n) if s == 0 else take(pipes[s]) for n in range(N))
             with torch.no_grad(), own or contextlib.nullcontext():
                 for x in step_major(model, noise, frames, label, context_t, fused=fused,
-                                    steps=groups[s], inputs=inputs):
+                                    steps=groups[s], inputs=inputs, sink=sink):
                     if cuda:
                         torch.cuda.current_stream().synchronize()    # x is ready downstream
                     put(pipes[s + 1], x)
@@ -593,9 +595,8 @@ def flow_loss(model, x0, sigma, eps, label=None, causal: bool = False):
 @torch.no_grad()
 def teacher_ode(teacher: VideoDiT, eps, keep: list[float], steps: int = 48, shift: float = 8.0,
                 label=None, guidance: float = 1.0):
-    """The teacher's ODE dx/dσ = v from σ = 1 to 0, Euler steps on a shifted grid (official: 48,
-    shift 8) through the levels `keep`, with CFG `guidance`. eps (B, T, 3, H, W) → (states at
-    `keep` (B, len(keep), T, …) or None, x0)."""
+    """The teacher's ODE dx/dσ = v from σ = 1 to 0 with CFG, Euler on a shifted grid (official 48
+    steps, shift 8) via `keep`: eps (B, T, 3, H, W) → (states (B, len(keep), T, …), x0)."""
     grid = [float(shift_sigma(1 - i / steps, shift)) for i in range(steps + 1)]
     grid = sorted({round(s, 7) for s in grid + list(keep)}, reverse=True)
     want = {round(s, 7): i for i, s in enumerate(keep)}
@@ -644,7 +645,6 @@ def chord_x0(x_a, x_b, sigma_a: float, sigma_b: float):
 
 def fkl_loss(student: VideoDiT, x_start, x0_target, sigma0: float = 1.0, label=None,
              bidirectional: bool = True):
-    """Forward KL (Eq. 10-11): regress the student's first step (σ_0) onto the teacher's
-    ODE, L_FKL = ‖x0_θ(x_σ0) − x0_ODE‖²; generator loss L_DMD + λ·L_FKL (λ = 0.1).
-    Bidirectional as the paper; the official code keeps the causal mask (`False`)."""
+    """Forward KL (Eq. 10-11): L_FKL = ‖x0_θ(x_σ0) − x0_ODE‖², first step on teacher ODE;
+    loss L_DMD + λ·L_FKL, λ = 0.1. Bidirectional as the paper (official code: causal)."""
     return F.mse_loss(student.x0(x_start, sigma0, label, causal=not bidirectional), x0_target)

@@ -466,27 +466,28 @@ SAMPLER_NAMES = ("block", "step", "pipelined")
 
 
 def block_stream(model, sampler: str, noise, frames: int, label, context_t: str,
-                 streams: int = 2, x0_bias=0.0):
-    """The named sampler as a generator of finished blocks (B, b, 3, H, W)."""
+                 streams: int = 2, x0_bias=0.0, sink: bool = False):
+    """The named sampler as a generator of finished blocks (B, b, 3, H, W); `sink`: block 0
+    stays in the rolling window (hiar.KVCache)."""
     if sampler == "block":
-        return hiar.block_major(model, noise, frames, label, x0_bias=x0_bias)
+        return hiar.block_major(model, noise, frames, label, x0_bias=x0_bias, sink=sink)
     if sampler == "step":
-        return hiar.step_major(model, noise, frames, label, context_t, x0_bias=x0_bias)
+        return hiar.step_major(model, noise, frames, label, context_t, x0_bias=x0_bias, sink=sink)
     if x0_bias:
         raise CLIError("--bias is not available with --sampler pipelined; use step (the same "
                        "video)")
     try:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
-            return distributed(model, noise, frames, label, context_t)
+            return distributed(model, noise, frames, label, context_t, sink=sink)
     except ImportError:
         pass
-    return hiar.pipelined(model, noise, frames, label, context_t, streams=streams)
+    return hiar.pipelined(model, noise, frames, label, context_t, streams=streams, sink=sink)
 
 
 @torch.no_grad()
 def distributed(model, noise, frames: int, label=None, context_t: str = "next",
-                fused: bool = False):
+                fused: bool = False, sink: bool = False):
     """hiar.pipelined's wavefront across processes: rank s of S (torch.distributed, started with
     `torchrun --nproc_per_node=S`) runs stage s (`hiar.step_major` on its group of steps) and
     passes each block to rank s + 1 — the path for a model that outgrows one device. Every rank
@@ -502,7 +503,7 @@ def distributed(model, noise, frames: int, label=None, context_t: str = "next",
 
     inputs = (noise(0, n) if s == 0 else receive() for n in range(N))
     for x in hiar.step_major(model, noise, frames, label, context_t, fused=fused,
-                             steps=hiar.step_groups(noise.K, S)[s], inputs=inputs):
+                             steps=hiar.step_groups(noise.K, S)[s], inputs=inputs, sink=sink):
         if s + 1 < S:
             dist.send(x.contiguous(), dst=s + 1)
         else:
@@ -542,6 +543,8 @@ def parse_args(argv=None):
                    "per sampler (memory-mapped, streamed)")
     p.add_argument("--mp4", default=None, help="write an MP4 of the grid (needs the optional "
                    "imageio-ffmpeg: pip install imageio-ffmpeg)")
+    p.add_argument("--sink", action="store_true", help="keep block 0 in the rolling window, an "
+                   "attention sink (StreamingLLM, LongLive): it changes videos past the window")
     p.add_argument("--no-metrics", action="store_true", help="skip the drift metrics table")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: autodetect)")
     return p.parse_args(argv)
@@ -652,7 +655,7 @@ def main(argv=None):
         if row == "data":
             continue
         streams[row] = block_stream(model, s, noise, whole, label, c["context_t"], args.streams,
-                                    args.bias)
+                                    args.bias, args.sink)
     if not writer_rank:                                 # a middle stage of the torchrun pipeline
         with torch.no_grad():
             for _ in streams[list(rows)[-1]]:

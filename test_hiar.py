@@ -69,17 +69,23 @@ class NoiseBank:
 
 
 def reference_sample(model, noise, frames, label=None, order="step", context_t="next",
-                     exit_step=None, x0_bias=0.0, cache_grad=False):
+                     exit_step=None, x0_bias=0.0, cache_grad=False, sink=False):
     """The slow oracle of both samplers: no KV cache. Every written context block is kept and
     re-run, with the current block, through the masked model at each query — the mask gives each
     frame exactly the window it had when the fast path cached its keys. With gradient on, as a
     training rollout: steps before the exit step without it, and the context detached unless
-    `cache_grad` (then written at the exit step with its gradient)."""
+    `cache_grad` (then written at the exit step with its gradient). `sink`: once block 0 has
+    left the window, the context is [block 0, the newest blocks that fill the window], re-run
+    together at the window's frames — the cache's visibility for a one-layer model, whose keys
+    depend on their block alone (deeper, a cached block's keys also saw its own context)."""
     b, K = model.cfg.block, noise.K
     N, J, σ = frames // b, K - 1 if exit_step is None else exit_step, \
         hiar.student_sigmas(K, model.cfg.shift)
+    W = model.cfg.window_frames // b - 1               # context blocks a block sees
 
     def velocity(ctx, x, s, n):                        # ctx: [(x_c, σ_c)] of blocks < n
+        if sink and n > W:                             # block 0 in the window's oldest slot
+            ctx = ctx[:1] + ctx[n - W + 1:]
         B = x.shape[0]
         xs = torch.cat([c for c, _ in ctx] + [x], 1)
         ss = torch.cat([hiar.frame_sigma(sc, B, b) for _, sc in ctx]
@@ -389,6 +395,32 @@ def test_kv_cache_equals_full_recompute(cfg, model, sampler, frames_x):
         slow = reference_sample(model, noise(cfg), F, lab, ORDER[sampler])
     assert fast.shape == (2, F, 3, cfg.size, cfg.size)
     assert torch.allclose(fast, slow, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_attention_sink_equals_a_recompute_with_block_0_in_the_oldest_slot(cfg, sampler):
+    """sink=True keeps block 0 in every KV cache, its keys rotated to the window's oldest slot
+    once the window has left it: the same video as re-running [block 0, newest blocks] at the
+    window's frames (one layer, where that is the cache's visibility), and not the plain
+    window's. While block 0 is still in the window, the sink changes nothing (bitwise), at any
+    depth."""
+    one = random_model(dataclasses.replace(cfg, depth=1), 3)
+    F, lab = 4 * cfg.frames, torch.tensor([0, 1])
+    with torch.no_grad():
+        fast = sampler(one, noise(cfg), F, lab, sink=True)
+        slow = reference_sample(one, noise(cfg), F, lab, ORDER[sampler], sink=True)
+        plain = sampler(one, noise(cfg), F, lab)
+        assert torch.allclose(fast, slow, atol=1e-5)
+        assert not torch.allclose(fast, plain, atol=1e-3)
+        two = random_model(cfg, 4)                                   # block 0 never leaves
+        assert torch.equal(sampler(two, noise(cfg), cfg.frames, lab, sink=True),
+                           sampler(two, noise(cfg), cfg.frames, lab))
+        streamed = torch.cat(list(hiar.step_major(one, noise(cfg), F, lab, sink=True)), 1)
+        if sampler is hiar.sample_step_major:
+            assert torch.equal(streamed, fast)
+            piped = hiar.sample_pipelined(one, noise(cfg), F, lab, sink=True,
+                                          threads_per_stream=None)
+            assert torch.allclose(piped, fast, atol=1e-6)
 
 
 def test_k1_both_orders_give_the_same_video(cfg, model):
@@ -1384,6 +1416,21 @@ def test_sample_cli_streams_gif_npy_and_table(tmp_path):
         v = hiar.sample_block_major(model, hiar.Noise(model.cfg, [0, 1, 2]), 10,
                                     torch.tensor([0, 1, 0]))
     assert np.array_equal(sample.to_uint8(v), arrs["block"])
+
+
+def test_sample_cli_sink_gives_the_librarys_sink_videos(tmp_path):
+    ck = smoke_ckpt(tmp_path)
+    r = run_cli("sample.py", "--ckpt", str(ck), "--frames", "20", "--num", "2", "--sink",
+                "--gif", "", "--no-metrics", "--npy", str(tmp_path / "s.npy"))
+    assert r.returncode == 0, r.stderr
+    model, _ = sample.load_student(str(ck), "cpu")
+    for name, f in (("block", hiar.sample_block_major), ("step", hiar.sample_step_major)):
+        with torch.no_grad():
+            v = f(model, hiar.Noise(model.cfg, [0, 1]), 20, torch.tensor([0, 1]), sink=True)
+            plain = f(model, hiar.Noise(model.cfg, [0, 1]), 20, torch.tensor([0, 1]))
+        arr = np.load(tmp_path / f"s_{name}.npy")
+        assert np.array_equal(sample.to_uint8(v), arr)
+        assert not np.array_equal(sample.to_uint8(plain), arr)
 
 
 def test_sample_cli_defaults_to_the_checkpoints_own_order_and_context(tmp_path):
