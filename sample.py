@@ -282,12 +282,6 @@ def _rgb(video):
     return ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 1, 3, 4, 2)
 
 
-def ground(video):
-    """Each frame's ground (background): its median colour. (B, T, 3, H, W) in [-1, 1] →
-    (B, T, 3) in [0, 1]."""
-    return _rgb(video).flatten(2, 3).median(2).values
-
-
 def rgb_to_hsv(p):
     """RGB (…, 3) in [0, 1] → hue (turns), saturation, value, each (…)."""
     r, g, b = p.unbind(-1)
@@ -307,7 +301,7 @@ def find_blobs(video, shapes: int) -> dict:
     saturation, value (HSV of the peak pixel), radius, and centre (B, T, S, 2) as (x, y)."""
     p = _rgb(video)
     B, T, H, W, _ = p.shape
-    bg = ground(video)                                                      # (B, T, 3)
+    bg = p.flatten(2, 3).median(2).values                                   # (B, T, 3)
     dist = (p - bg[:, :, None, None]).norm(dim=-1)                          # (B, T, H, W)
     flat = dist.reshape(B * T, 1, H, W)
     is_peak = (flat == F.max_pool2d(flat, 3, 1, 1)).reshape(B, T, H * W) & (

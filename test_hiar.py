@@ -1520,22 +1520,26 @@ def test_evidence_spread_is_over_training_seeds():
 def test_evidence_ground_change_sees_a_tint_change_at_a_constant_level(monkeypatch):
     """scripts/evidence.py: a ground that turns from red to green at the same mean level is
     invisible to the `background` level measure and seen by the ground change from the first
-    block (RGB distance); videos without moving blobs count as frozen."""
+    block (RGB distance); a blob that appears in the last window is counted there, and one
+    that does not move is frozen."""
     sys.path.insert(0, str(HERE / "scripts"))
     import evidence
     video = torch.full((2, 40, 3, 8, 8), -1.0)
     video[:, :, 0] = -0.6                                   # red tint 0.2 (in [0, 1] units)
     video[:, 20:, 0], video[:, 20:, 1] = -1.0, -0.6         # → green tint 0.2, same mean level
+    video[:, 36:, :, 2:5, 2:5], video[:, 36:, :, 3, 3] = 0.4, 1.0   # one blob, last 4 frames
     monkeypatch.setattr(evidence, "rollout_stream",
                         lambda *a: iter(video[:, t:t + 1] for t in range(40)))
-    cfg = SimpleNamespace(block=1, shapes=2)
-    res, _ = evidence.run_row({}, ["x"], "step", "next", 0.0, [0], 2, 40, [20, 40], cfg)
+    cfg = SimpleNamespace(block=1, shapes=2, frames=4)
+    res, _ = evidence.run_row({}, ["x"], evidence.Row("x", ["x"], "step", "next"), [0], 2, 40,
+                              [20, 40], cfg)
     first, whole = evidence.combine(res[20]), evidence.combine(res[40])
     assert first["ground_change"] == [pytest.approx(0.0, abs=1e-6)]
     assert whole["ground_change"] == [pytest.approx(0.2 * 2 ** 0.5, rel=1e-4)]
     assert whole["background"]["level"] == [pytest.approx(0.2 / 3, rel=1e-4)]
     assert whole["background"]["drift"] == [pytest.approx(0.0, abs=1e-6)]
-    assert whole["frozen"] == [1.0]
+    assert first["blobs"] == [0.0] and whole["blobs"] == [1.0]     # last window: 4 frames
+    assert whole["frozen"] == [1.0]                                  # it does not move
 
 
 def test_context_probe_continues_like_block_major_and_measures_the_jump(model, cfg):
@@ -1717,8 +1721,8 @@ def test_reports_carry_no_machine_paths():
 
 def test_readme_claims_quote_docs_claims_which_come_from_the_evidence():
     """The README's claims table quotes docs/claims.md — every 'mean ± std' in it is there — and
-    docs/claims.md is what scripts/evidence.py makes of docs/evidence.json and
-    docs/quality.json."""
+    docs/claims.md and docs/long_videos.md are what scripts/evidence.py makes of
+    docs/evidence.json and docs/quality.json."""
     import re
     sys.path.insert(0, str(HERE / "scripts"))
     import evidence
@@ -1730,6 +1734,7 @@ def test_readme_claims_quote_docs_claims_which_come_from_the_evidence():
     ev = evidence.load_evidence(HERE / "docs" / "evidence.json")
     quality = json.loads((HERE / "docs" / "quality.json").read_text())
     assert evidence.claims(ev, quality) == claims
+    assert evidence.long_videos(ev) == (HERE / "docs" / "long_videos.md").read_text()
 
 
 def test_docs_link_only_to_files_the_repo_has_and_speak_without_the_tracker():

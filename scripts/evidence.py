@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import namedtuple
 from pathlib import Path
 
 import torch
@@ -31,24 +32,31 @@ SF = [f"self_forcing_s{i}" for i in range(3)]     # one checkpoint per training 
 HIAR_NO_FKL = [f"hiar_no_fkl_s{i}" for i in range(3)]
 HIAR = [f"hiar_s{i}" for i in range(3)]
 FIRST = [0]          # rows sampled with seed 0 only: the spread is then over training seeds
-# (row label, checkpoints (one per training seed), sampler, context level, x0 bias, sampling
-# seeds (None: --seeds)). The three students differ in one thing at a time: Self-Forcing-style
-# → HiAR without FKL is the order alone, → HiAR adds the forward-KL term alone.
+# A row: its label, checkpoints (one per training seed), sampler, context level, x0 bias,
+# sampling seeds (None: --seeds) and whether block 0 stays in the window (an attention sink).
+# The three students differ in one thing at a time: Self-Forcing-style → HiAR without FKL is
+# the order alone, → HiAR adds the forward-KL term alone.
+Row = namedtuple("Row", "label ckpts sampler ctx bias seeds sink", defaults=(0.0, None, False))
 ROWS = [
-    ("Self-Forcing-style, block-major", SF, "block", "clean", 0.0, None),
-    ("HiAR without FKL, step-major", HIAR_NO_FKL, "step", "next", 0.0, None),
-    ("HiAR, step-major", HIAR, "step", "next", 0.0, None),
-    ("HiAR, context t_j (inference only)", HIAR, "step", "current", 0.0, None),
-    ("HiAR, context clean (inference only)", HIAR, "step", "clean", 0.0, None),
-    ("Self-Forcing weights, step-major", SF, "step", "next", 0.0, FIRST),
-    ("HiAR without FKL weights, block-major", HIAR_NO_FKL, "block", "clean", 0.0, FIRST),
-    ("Self-Forcing-style + bias, block-major", SF, "block", "clean", 0.03, FIRST),
-    ("HiAR + bias, step-major", HIAR, "step", "next", 0.03, FIRST),
-    ("ODE init, block-major", ["ode_init"], "block", "clean", 0.0, None),
-    ("ODE init, step-major", ["ode_init"], "step", "next", 0.0, None),
-    ("ODE init + bias, block-major", ["ode_init"], "block", "clean", 0.03, None),
-    ("ODE init + bias, step-major", ["ode_init"], "step", "next", 0.03, None),
+    Row("Self-Forcing-style, block-major", SF, "block", "clean"),
+    Row("HiAR without FKL, step-major", HIAR_NO_FKL, "step", "next"),
+    Row("HiAR, step-major", HIAR, "step", "next"),
+    Row("HiAR, context t_j (inference only)", HIAR, "step", "current"),
+    Row("HiAR, context clean (inference only)", HIAR, "step", "clean"),
+    Row("Self-Forcing weights, step-major", SF, "step", "next", seeds=FIRST),
+    Row("HiAR without FKL weights, block-major", HIAR_NO_FKL, "block", "clean", seeds=FIRST),
+    Row("Self-Forcing-style + bias, block-major", SF, "block", "clean", 0.03, FIRST),
+    Row("HiAR + bias, step-major", HIAR, "step", "next", 0.03, FIRST),
+    Row("Self-Forcing-style + sink, block-major", SF, "block", "clean", seeds=FIRST, sink=True),
+    Row("HiAR without FKL + sink, step-major", HIAR_NO_FKL, "step", "next", seeds=FIRST,
+        sink=True),
+    Row("HiAR + sink, step-major", HIAR, "step", "next", seeds=FIRST, sink=True),
+    Row("ODE init, block-major", ["ode_init"], "block", "clean"),
+    Row("ODE init, step-major", ["ode_init"], "step", "next"),
+    Row("ODE init + bias, block-major", ["ode_init"], "block", "clean", 0.03),
+    Row("ODE init + bias, step-major", ["ode_init"], "step", "next", 0.03),
 ]
+DATA = Row("data", ["data"], None, None)
 GIF_ROWS = ("Self-Forcing-style, block-major", "HiAR without FKL, step-major", "HiAR, step-major")
 CURVE_ROWS = ("Self-Forcing-style, block-major", "HiAR without FKL, step-major",
               "HiAR, step-major", "ODE init, block-major")
@@ -56,38 +64,43 @@ CURVE_POINTS = 20
 FROZEN = 0.25     # px/frame: a video whose blobs move slower is frozen (scripts/quality.py)
 
 
-def rollout_stream(models, ck, sampler, ctx, bias, seed, num, frames, cfg):
-    """One rollout (or the data, ck = "data") of `num` videos, block by block."""
+def rollout_stream(models, ck, row: Row, seed, num, frames, cfg):
+    """One rollout of checkpoint `ck` as the row samples it (or the data, ck = "data") of `num`
+    videos, block by block."""
     label = torch.arange(num) % cfg.labels if cfg.labels else None
     if ck == "data":
         return sample.data_stream(cfg, num, seed, frames, label)
     noise = hiar.Noise(cfg, [seed * 1_000_003 + i for i in range(num)])
-    return sample.block_stream(models[ck], sampler, noise, frames, label, ctx, x0_bias=bias)
+    return sample.block_stream(models[ck], row.sampler, noise, frames, label, row.ctx,
+                               x0_bias=row.bias, sink=row.sink)
 
 
-def run_row(models, ckpts, sampler, ctx, bias, seeds, num, frames, lengths, cfg):
+def run_row(models, ckpts, row: Row, seeds, num, frames, lengths, cfg):
     """Stream every (checkpoint, seed) rollout through meters: {length: [result per ckpt×seed]}
     and curves (CURVE_POINTS bins over the longest length)."""
     out = {L: [] for L in lengths}
-    curves = []
+    curves, window = [], cfg.frames // cfg.block                # blocks in the last window
     for ck in ckpts:
         for seed in seeds:
             meters = {L: sample.DriftMeter(L, cfg.block, cfg.shapes) for L in lengths}
             curve = sample.DriftMeter(frames, cfg.block, cfg.shapes, segments=CURVE_POINTS)
-            t, first, change = 0, None, {}
+            t, first, counts, at = 0, None, [], {}
             with torch.no_grad():
-                for x in rollout_stream(models, ck, sampler, ctx, bias, seed, num, frames, cfg):
+                for x in rollout_stream(models, ck, row, seed, num, frames, cfg):
                     for L, m in meters.items():
                         if t < L:
                             m.update(x[:, :L - t])
                     curve.update(x)
-                    g = sample.ground(x).mean(1)                # (B, 3): this block's ground
+                    blobs = sample.find_blobs(x, cfg.shapes)
+                    g = blobs["background"].mean(1)             # (B, 3): this block's ground
                     first = g if first is None else first
+                    counts = (counts + [blobs["valid"].float().sum(-1)])[-window:]   # (B, b) each
                     t += x.shape[1]
                     if t in meters:                             # the last block of length t
-                        change[t] = (g - first).norm(dim=-1)    # (B,) ground change from block 0
+                        at[t] = {"ground_change": (g - first).norm(dim=-1),   # (B,) from block 0
+                                 "blobs": torch.cat(counts, 1).mean(1)}      # (B,) last window
             for L, m in meters.items():
-                out[L].append({**m.result(), "ground_change": change[L]})
+                out[L].append({**m.result(), **at[L]})
             curves.append(curve.sums)
     return out, curves
 
@@ -95,28 +108,25 @@ def run_row(models, ckpts, sampler, ctx, bias, seeds, num, frames, lengths, cfg)
 def side_by_side_gif(models, cfg, frames: int, path: Path):
     """The first three videos of sampling seed 0 (the same as in the tables: the noise is per
     video) of the data and each GIF row, every 4th frame."""
-    rows = {"data": ("data", None, None, 0.0)}
-    for label, ckpts, sampler, ctx, bias, _ in ROWS:
-        if label in GIF_ROWS and ckpts[0] in models:
-            rows[label] = (ckpts[0], sampler, ctx, bias)
+    rows = [DATA] + [r for r in ROWS if r.label in GIF_ROWS and r.ckpts[0] in models]
     gifs = {}
     with torch.no_grad():
-        for label, (ck, sampler, ctx, bias) in rows.items():
-            v = torch.cat(list(rollout_stream(models, ck, sampler, ctx, bias, 0, 3, frames, cfg)),
-                          1)
-            gifs[label] = sample.to_uint8(v)[:, ::4]
+        for row in rows:
+            v = torch.cat(list(rollout_stream(models, row.ckpts[0], row, 0, 3, frames, cfg)), 1)
+            gifs[row.label] = sample.to_uint8(v)[:, ::4]
     sample.save_gif(path, sample.grid_frames(gifs, scale=3, per_row=3), fps=8)
     print(f"wrote {path}")
 
 
 def combine(results: list[dict]) -> dict:
     """Per measure: level and drift as mean over videos per rollout (one per ckpt × seed); the
-    ground's change from the first block to the last (RGB distance) and the share of frozen
-    videos (speed level < FROZEN), per rollout."""
+    ground's change from the first block to the last (RGB distance), blobs per frame in the last
+    window and the share of frozen videos (speed level < FROZEN), per rollout."""
     out = {name: {"level": [r[name][0].nanmean().item() for r in results],
                   "drift": [r[name][1].nanmean().item() for r in results]}
            for name in sample.MEASURES}
-    out["ground_change"] = [r["ground_change"].mean().item() for r in results]
+    for name in ("ground_change", "blobs"):
+        out[name] = [r[name].mean().item() for r in results]
     out["frozen"] = [(r["speed"][0] < FROZEN).float().mean().item() for r in results]
     return out
 
@@ -176,9 +186,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     rows = ROWS if args.rows is None else [ROWS[int(i)] for i in args.rows.split(",") if i]
     models, cfg = {}, None
-    gif_rows = [r for r in ROWS if r[0] in GIF_ROWS] if args.gif else []
-    for _, ckpts, *_ in rows + gif_rows:
-        for ck in ckpts:
+    gif_rows = [r for r in ROWS if r.label in GIF_ROWS] if args.gif else []
+    for row in rows + gif_rows:
+        for ck in row.ckpts:
             if ck not in models and (ckdir / f"{ck}.pt").exists():
                 models[ck] = sample.load_student(str(ckdir / f"{ck}.pt"), "cpu")[0]
                 cfg = models[ck].cfg
@@ -196,29 +206,29 @@ def main(argv=None):
         ev = old                                    # --rows: recompute these rows, keep the rest
         ev["args"] = recorded
     else:
-        data_res, data_curves = run_row({}, ["data"], None, None, 0.0, args.seeds, args.num,
-                                        frames, lengths, cfg)
+        data_res, data_curves = run_row({}, DATA.ckpts, DATA, args.seeds, args.num, frames,
+                                        lengths, cfg)
         ev = {"args": recorded, "lengths": lengths, "rows": {}, "curves": {}}
         ev["data_spread"] = {str(L): spread_of(data_res[L]) for L in lengths}
         ev["rows"]["data"] = {L: {"measures": combine(data_res[L]), "ckpts": [],
                                   "score": scores(data_res[L], ev["data_spread"][str(L)]),
                                   "seeds": args.seeds} for L in lengths}
         ev["curves"]["data"] = curve_means(data_curves)
-    for label, ckpts, sampler, ctx, bias, seeds in rows:
-        have = [c for c in ckpts if c in models]
+    for row in rows:
+        have = [c for c in row.ckpts if c in models]
         if not have:
-            print(f"skip {label}: none of {ckpts} shipped")
+            print(f"skip {row.label}: none of {row.ckpts} shipped")
             continue
-        seeds = seeds or args.seeds
-        res, curves = run_row(models, have, sampler, ctx, bias, seeds, args.num, frames,
-                              lengths, cfg)
-        ev["rows"][label] = {L: {"measures": combine(res[L]),
-                                 "score": scores(res[L], ev["data_spread"][str(L)]),
-                                 "ckpts": have, "seeds": seeds, "sampler": sampler,
-                                 "context_t": ctx, "bias": bias} for L in lengths}
-        ev["curves"][label] = curve_means(curves)
-        print(f"done {label}", flush=True)
-    order = ["data"] + [r[0] for r in ROWS]
+        seeds = row.seeds or args.seeds
+        res, curves = run_row(models, have, row, seeds, args.num, frames, lengths, cfg)
+        ev["rows"][row.label] = {L: {"measures": combine(res[L]),
+                                     "score": scores(res[L], ev["data_spread"][str(L)]),
+                                     "ckpts": have, "seeds": seeds, "sampler": row.sampler,
+                                     "context_t": row.ctx, "bias": row.bias, "sink": row.sink}
+                                 for L in lengths}
+        ev["curves"][row.label] = curve_means(curves)
+        print(f"done {row.label}", flush=True)
+    order = ["data"] + [r.label for r in ROWS]
     ev["rows"] = {k: ev["rows"][k] for k in order if k in ev["rows"]}
     (out / "evidence.json").write_text(json.dumps(ev, indent=1))
     write_tables(ev, out)
@@ -251,6 +261,7 @@ def write_tables(ev: dict, out: Path):
     (out / "evidence_summary.md").write_text(summary)
     q = out / "quality.json"
     (out / "claims.md").write_text(claims(ev, json.loads(q.read_text()) if q.exists() else {}))
+    (out / "long_videos.md").write_text(long_videos(ev))
     print(summary)
 
 
@@ -261,7 +272,7 @@ def _get(by_len: dict, L: int) -> dict:
 def tables(ev: dict, args) -> tuple[str, str]:
     """The full table (every measure, both lengths) and the README summary (≤ 6 columns)."""
     L0, L1 = ev["lengths"]
-    extra = ("ground_change", "frozen")
+    extra = ("ground_change", "blobs", "frozen")
     head = ("| rollout | length | seeds (training × sampling) | drift score | "
             + " | ".join(sample.MEASURES + extra) + " |\n"
             + "|---" * (len(sample.MEASURES) + len(extra) + 4) + "|")
@@ -287,7 +298,8 @@ def tables(ev: dict, args) -> tuple[str, str]:
             f"videos (0 = flat; the data row's score is the metric's noise floor). Measures: "
             + "; ".join(f"{k}: {v}" for k, v in sample.DESCRIPTIONS.items())
             + "; ground_change: RGB distance of the last block's ground (median colour) from the "
-            f"first block's; frozen: share of videos whose blobs move < {FROZEN} px/frame.\n")
+            "first block's; blobs: blobs per frame in the last window; frozen: share of videos "
+            f"whose blobs move < {FROZEN} px/frame.\n")
     summary = [f"| rollout, {L1} frames | drift score | ground change | speed | frozen | "
                "hue error |", "|---|---|---|---|---|---|"]
     for label, by_len in ev["rows"].items():
@@ -387,6 +399,37 @@ def claims(ev: dict, quality: dict) -> str:
     for name, q, e in students[1:]:
         out.append(f"| {name} | {qual(q, '1x', 'speed')} | {qual(q, '1x', 'frozen')} | "
                    f"{evi(e, L0, 'speed')} | {evi(e, L1, 'speed')} | {evi(e, L1, 'frozen')} |")
+    return "\n".join(out) + "\n"
+
+
+def long_videos(ev: dict) -> str:
+    """What keeps a long video's look (docs/long_videos.md): each student with and without an
+    attention sink (block 0 kept in the window, at inference only), the ground's change from the
+    first block and blobs in the last window at 8× and 40× the training length."""
+    L0, L1 = ev["lengths"]
+    n0, n1 = L0 // (L1 // ev["args"]["long"]), ev["args"]["long"]
+    head = (f"| rollout | ground change {n0}× | ground change {n1}× | blobs / frame {n0}× "
+            f"(last window) | blobs / frame {n1}× (last window) | seeds (training × sampling) |")
+    out = ["# Long videos: what keeps a clip's look", "",
+           "Made by `python scripts/evidence.py` from docs/evidence.json. The ground is a "
+           "frame's median colour; its change is the RGB distance of the last block's ground "
+           "from the first block's (a clip's ground does not change in the data); blobs are "
+           "counted with `sample.find_blobs` in the last window (12 frames). Mean ± std over "
+           "training seeds (each the mean of its sampling seeds); "
+           f"{ev['args']['num']} videos a rollout, labels in turn. The sink rows keep block 0 in "
+           "every KV cache at inference (`sink=True`, `sample.py --sink`); the students were "
+           "trained without it.", "", head, "|---" * 6 + "|"]
+    sinks = [r.label for r in ROWS if r.sink]             # each after its row without the sink
+    labels = ["data"] + [x for q in sinks for x in (q.replace(" + sink", ""), q)]
+    for label in labels:
+        if label not in ev["rows"]:
+            continue
+        r0, r1 = _get(ev["rows"][label], L0), _get(ev["rows"][label], L1)
+        ck = r1["ckpts"] or ["data"]
+        cell = lambda r, k: fmt_row(r["measures"][k], ck) if k in r["measures"] else "–"  # noqa
+        seeds = f"{len(r1['ckpts']) or '–'} × {len(r1['seeds'])}"
+        out.append(f"| {label} | {cell(r0, 'ground_change')} | {cell(r1, 'ground_change')} | "
+                   f"{cell(r0, 'blobs')} | {cell(r1, 'blobs')} | {seeds} |")
     return "\n".join(out) + "\n"
 
 
