@@ -735,6 +735,41 @@ def test_long_rollout_keeps_the_last_window_and_gradient_reaches_only_it(cfg, tm
     assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in seen[-keep:])
 
 
+@pytest.mark.parametrize("order", ["block", "step"])
+def test_training_rollouts_with_the_sink_are_the_samplers_and_their_gradients_the_oracles(
+        cfg, tmp_path, order):
+    """TrainConfig.sink: a rollout longer than the window keeps block 0 in it — the last window
+    is the sampler's with sink=True on the rollout's noise — and its gradient to the noise is the
+    recompute oracle's (one layer, exit step 1, context detached)."""
+    one = dataclasses.replace(cfg, depth=1)
+    student = random_model(one, 5).train()
+    ctx, sampler = ("clean", hiar.sample_block_major) if order == "block" else \
+        ("next", hiar.sample_step_major)
+    outs = {}
+    for sink in (False, True):
+        tc = train_toy.TrainConfig(**{**train_toy.TRAIN_PRESETS["smoke"], "sink": sink,
+                                      "rollout_frames": 3 * one.frames})
+        run = train_toy.Run(tmp_path / str(sink), one, tc, torch.device("cpu"), 0)
+        with torch.no_grad():
+            outs[sink] = train_toy.rollout(student, run, order, ctx,
+                                           torch.Generator().manual_seed(0), None, one.K - 1)
+    seeds = torch.randint(2 ** 62, (tc.dmd_batch,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = sampler(student, hiar.Noise(one, seeds), 3 * one.frames, sink=True)
+    assert torch.equal(outs[True], full[:, -one.frames:])
+    assert not torch.allclose(outs[True], outs[False], atol=1e-3)
+    frames, grads = 3 * one.frames, []
+    for fast in (True, False):
+        t = bank(noise(one), frames).requires_grad_(True)
+        out = (sampler(student, NoiseBank(t), frames, exit_step=1, sink=True) if fast else
+               reference_sample(student, NoiseBank(t), frames, order=order, exit_step=1,
+                                sink=True))
+        out[:, -one.block:].pow(2).sum().backward()                  # the last block's loss
+        grads.append(t.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+    assert grads[0][1, -1].abs().sum() > 0                           # the exit step's noise
+
+
 # ------------------------------------------------------------------------------------------------
 # Pipelined sampler, fused pass, schedule, processes
 # ------------------------------------------------------------------------------------------------

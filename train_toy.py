@@ -59,6 +59,8 @@ class TrainConfig:
     dmd_batch: int = 8
     dmd_shift: float = 5.0       # σ-shift of the DMD queries and the critic's levels (official 5)
     rollout_frames: int = 0      # self-rollout length (0: frames); gradient on the last `frames`
+    sink: bool = False           # rollouts keep block 0 in the window (attention sink; it acts
+    #                              only in rollouts longer than the window)
     cache_grad: bool = False     # the exit step's context writes keep their gradient (official
     #                              causal model's cache does; off: detached)
     gen_lr: float = 2e-5         # official 2e-6 for a 1.3B model; the toy's 10× larger
@@ -498,7 +500,7 @@ def rollout(student, run: Run, order: str, context_t: str, g, label, exit_step: 
     level = {} if order == "block" else {"context_t": context_t}    # block-major: always clean
     sampler = hiar.block_major if order == "block" else hiar.step_major
     blocks = sampler(student, noise, frames, label, exit_step=exit_step, cache_grad=tc.cache_grad,
-                     **level)
+                     sink=tc.sink, **level)
     last = []
     for x0_hat in blocks:                       # streaming: hold one window, drop the rest
         last = (last + [x0_hat])[-keep:]
