@@ -359,6 +359,13 @@ def claims(ev: dict, quality: dict) -> str:
            f"| student | 1×: ground change | 1×: blobs / frame | {n0}×: label spread | {n0}×: "
            f"in range | drift score {n0}× | drift score {n1}× | ground change {n0}× | "
            f"ground change {n1}× |", "|---" * 9 + "|"]
+    data_q = {part: quality.get("rows", {}).get("data", {}).get(part) or {}
+              for part in ("1x", "long")}
+    dq = lambda part, k: f"{data_q[part][k]:.3f}" if k in data_q[part] else "–"   # noqa: E731
+    out.append(f"| data | {dq('1x', 'bg_change')} | {dq('1x', 'blobs')} | "
+               f"{dq('long', 'spread_min')} | {dq('long', 'in_range')} | "
+               f"{evi('data', L0, 'score')} | {evi('data', L1, 'score')} | "
+               f"{evi('data', L0, 'ground_change')} | {evi('data', L1, 'ground_change')} |")
     for name, q, e in students:
         out.append(f"| {name} | {qual(q, '1x', 'bg_change')} | {qual(q, '1x', 'blobs')} | "
                    f"{qual(q, 'long', 'spread_min')} | {qual(q, 'long', 'in_range')} | "
@@ -389,14 +396,13 @@ def claims(ev: dict, quality: dict) -> str:
         out.append(f"| {name} | {evi(e, L0, 'score')} | {evi(e, L1, 'score')} | "
                    f"{evi(e, L1, 'ground_change')} | {evi(e, L1, 'hue_err')} | "
                    f"{evi(e, L1, 'size')} |")
-    out += ["", "## 3. Forward KL alone (motion)", "",
+    out += ["", "## 3. Forward KL alone (motion; the Self-Forcing-style student for reference)",
+            "",
             f"| student | 1×: speed (px / frame) | 1×: frozen | {n0}×: speed | {n1}×: speed | "
             f"{n1}×: frozen |", "|---|---|---|---|---|---|"]
-    data_q = quality.get("rows", {}).get("data", {}).get("1x", {})
-    d1 = [f"{data_q[k]:.3f}" if k in data_q else "–" for k in ("speed", "frozen")]
-    out.append(f"| data | {d1[0]} | {d1[1]} | {evi('data', L0, 'speed')} | "
-               f"{evi('data', L1, 'speed')} | {evi('data', L1, 'frozen')} |")
-    for name, q, e in students[1:]:
+    out.append(f"| data | {dq('1x', 'speed')} | {dq('1x', 'frozen')} | {evi('data', L0, 'speed')} "
+               f"| {evi('data', L1, 'speed')} | {evi('data', L1, 'frozen')} |")
+    for name, q, e in students:
         out.append(f"| {name} | {qual(q, '1x', 'speed')} | {qual(q, '1x', 'frozen')} | "
                    f"{evi(e, L0, 'speed')} | {evi(e, L1, 'speed')} | {evi(e, L1, 'frozen')} |")
     return "\n".join(out) + "\n"
