@@ -275,6 +275,8 @@ DESCRIPTIONS = {
 # own: the data has no seams and no hue error by construction, so their spread between data
 # videos (~0.002-0.003) is a noise floor, 20-100× below the others', and either would dominate.
 SCORED = ("value", "saturation", "size", "background", "speed")
+FROZEN = 0.25     # pixels / frame: a clip whose blobs move slower is frozen (the slowest of 256
+#                   data clips moves 0.29, the data's mean 0.67)
 
 
 def _rgb(video):

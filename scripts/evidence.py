@@ -61,7 +61,6 @@ GIF_ROWS = ("Self-Forcing-style, block-major", "HiAR without FKL, step-major", "
 CURVE_ROWS = ("Self-Forcing-style, block-major", "HiAR without FKL, step-major",
               "HiAR, step-major", "ODE init, block-major")
 CURVE_POINTS = 20
-FROZEN = 0.25     # px/frame: a video whose blobs move slower is frozen (scripts/quality.py)
 
 
 def rollout_stream(models, ck, row: Row, seed, num, frames, cfg):
@@ -121,13 +120,13 @@ def side_by_side_gif(models, cfg, frames: int, path: Path):
 def combine(results: list[dict]) -> dict:
     """Per measure: level and drift as mean over videos per rollout (one per ckpt × seed); the
     ground's change from the first block to the last (RGB distance), blobs per frame in the last
-    window and the share of frozen videos (speed level < FROZEN), per rollout."""
+    window and the share of frozen videos (speed level < sample.FROZEN), per rollout."""
     out = {name: {"level": [r[name][0].nanmean().item() for r in results],
                   "drift": [r[name][1].nanmean().item() for r in results]}
            for name in sample.MEASURES}
     for name in ("ground_change", "blobs"):
         out[name] = [r[name].mean().item() for r in results]
-    out["frozen"] = [(r["speed"][0] < FROZEN).float().mean().item() for r in results]
+    out["frozen"] = [(r["speed"][0] < sample.FROZEN).float().mean().item() for r in results]
     return out
 
 
@@ -299,7 +298,7 @@ def tables(ev: dict, args) -> tuple[str, str]:
             + "; ".join(f"{k}: {v}" for k, v in sample.DESCRIPTIONS.items())
             + "; ground_change: RGB distance of the last block's ground (median colour) from the "
             "first block's; blobs: blobs per frame in the last window; frozen: share of videos "
-            f"whose blobs move < {FROZEN} px/frame.\n")
+            f"whose blobs move < {sample.FROZEN} px/frame.\n")
     summary = [f"| rollout, {L1} frames | drift score | ground change | speed | frozen | "
                "hue error |", "|---|---|---|---|---|---|"]
     for label, by_len in ev["rows"].items():

@@ -10,7 +10,7 @@ own order; a row's numbers are the mean over the sampling seeds. Measured with
 
 - at 1× (the training length): how far the ground moves from the first block to the last (RGB
   distance, mean over clips), blobs per frame, peak value and radius of the blobs, and motion:
-  the blobs' tracked speed (pixels / frame) and the share of frozen clips (speed < FROZEN);
+  the blobs' tracked speed (pixels / frame) and the share of frozen clips (sample.FROZEN);
 - at `long`× (8× by default, students only — the teacher is bidirectional and has one length):
   the per-label spread of the last block's ground (RMS distance of a label's grounds from their
   mean; the smallest over labels — a label whose clips all end on one ground is collapsed) and
@@ -37,8 +37,6 @@ import hiar  # noqa: E402
 import sample  # noqa: E402
 
 TOL = 0.03        # a ground counts as inside the data's range within ±TOL a channel
-FROZEN = 0.25     # pixels / frame: a clip whose blobs move slower is frozen (the slowest of 256
-#                   data clips moves 0.29, the data's mean 0.67)
 TEACHER_STEPS = 24
 COLUMNS = ("bg_change", "blobs", "value", "radius", "speed", "frozen", "spread_min", "in_range")
 # A student near its teacher: at 1× its ground moves at most 0.035 (teacher CFG 3: 0.015, data
@@ -66,7 +64,8 @@ def measure(video, label, cfg: hiar.Config) -> dict:
     return dict(bg_change=(last - first).norm(dim=-1).mean().item(),
                 blobs=valid.float().sum(-1).mean().item(),
                 value=b["value"][valid].mean().item(), radius=b["radius"][valid].mean().item(),
-                speed=speed.mean().item(), frozen=(speed < FROZEN).float().mean().item(),
+                speed=speed.mean().item(),
+                frozen=(speed < sample.FROZEN).float().mean().item(),
                 spread_min=min(spreads).item(), spread_mean=torch.stack(spreads).mean().item(),
                 in_range=inside.float().mean().item(),
                 last_ground=[[round(v, 3) for v in last[label == lab].mean(0).tolist()]
@@ -195,7 +194,7 @@ def tables(out: dict, cfg: hiar.Config) -> str:
     lines = [f"Quality measure (`python scripts/quality.py --seeds {' '.join(map(str, seeds))}`; "
              f"{out['num']} clips per sampling seed, labels in turn, sampling seeds {seeds}, "
              f"each row the mean over them; 1× = {cfg.frames} frames, long = {L}×; frozen: "
-             f"share of clips whose blobs move < {FROZEN} px/frame). misses: the targets "
+             f"share of clips whose blobs move < {sample.FROZEN} px/frame). misses: the targets "
              f"(TARGETS in the script: 1× ground change <= {TARGETS['bg_change']}, blobs >= "
              f"{TARGETS['blobs']}, radius <= the teacher's + "
              f"{TARGETS['radius']}, {L}× spread >= {TARGETS['spread']}, in range >= "
