@@ -9,6 +9,7 @@ side-by-side GIF.
 
 Writes docs/evidence.json, docs/evidence.md (full table), docs/evidence_summary.md (≤ 6
 columns), docs/claims.md (the paper's claims, with docs/quality.json from scripts/quality.py),
+docs/long_videos.md (each student with and without an attention sink),
 docs/drift_curves.png (needs matplotlib, the notebook extra) and docs/drift_40x.gif.
 Videos stream through the meters block by block, so memory does not grow with the length.
 """
@@ -370,8 +371,9 @@ def claims(ev: dict, quality: dict) -> str:
                    f"{qual(q, 'long', 'spread_min')} | {qual(q, 'long', 'in_range')} | "
                    f"{evi(e, L0, 'score')} | {evi(e, L1, 'score')} | "
                    f"{evi(e, L0, 'ground_change')} | {evi(e, L1, 'ground_change')} |")
-    out += ["", "The same weights sampled in both orders (sampling seed 0 only; the ODE init: "
-            "3 sampling seeds):", "",
+    out += ["", "The same weights sampled in both orders (the students' own order as above; the "
+            "swapped order and the bias rows on sampling seed 0 only; the ODE init on 3 "
+            "sampling seeds):", "",
             f"| weights | block-major: drift score {n1}× | step-major: drift score {n1}× | "
             f"block-major: ground change {n1}× | step-major: ground change {n1}× |",
             "|---|---|---|---|---|"]
@@ -419,8 +421,8 @@ def long_videos(ev: dict) -> str:
            "Made by `python scripts/evidence.py` from docs/evidence.json. The ground is a "
            "frame's median colour; its change is the RGB distance of the last block's ground "
            "from the first block's (a clip's ground does not change in the data); blobs are "
-           "counted with `sample.find_blobs` in the last window (12 frames). Mean ± std over "
-           "training seeds (each the mean of its sampling seeds); "
+           f"counted with `sample.find_blobs` in the last window ({L1 // n1} frames). Mean ± "
+           "std over training seeds (each the mean of its sampling seeds); "
            f"{ev['args']['num']} videos a rollout, labels in turn. The sink rows keep block 0 in "
            "every KV cache at inference (`sink=True`, `sample.py --sink`); the students were "
            "trained without it.", "", head, "|---" * 6 + "|"]
