@@ -7,17 +7,11 @@ a mistake becomes confident context and long videos drift. HiAR (Zou et al., arX
 *step-major*: each denoising step walks over all blocks, conditioning each on its predecessors at
 the *same* noise level t_{j+1} — enough for continuity, without confident errors (Alg. 1, Eq. 9).
 
-Map of this file, in reading order (section banners mirror it):
-  1. Config       data, model and sampler fields; named presets
-  2. Toy data     moving Gaussian blobs whose appearance is drawn per clip; a label
-  3. Schedule     flow matching, σ-shift, the student's K-step σ list
-  4. Model        a video transformer: adaLN per frame, block-causal or full attention,
-                  temporal RoPE, KV cache with a rolling window
-  5. Pieces       noise ε[j, n] per video, block and step, drawn on demand; the context write
-  6. Block-major  the CausVid / Self-Forcing sampler
-  7. Step-major   the HiAR sampler (Alg. 1, Eq. 9), streamed, and the fused pass
-  8. Pipelined    the step-major wavefront on S threads
-  9. Losses       flow matching, teacher ODE with CFG, DMD (reverse KL), forward KL
+Map, in reading order (section banners mirror it): 1. Config; 2. Toy data, moving blobs whose
+look is drawn per clip; 3. Schedule, flow matching with a σ-shift; 4. Model, a video transformer
+with adaLN per frame, block-causal attention, temporal RoPE, a KV cache; 5. Sampler pieces;
+6. Block-major, the CausVid / Self-Forcing sampler; 7. Step-major, HiAR's (Alg. 1), streamed;
+8. Pipelined, its wavefront; 9. Losses: flow matching (teacher forcing too), teacher ODE, DMD, FKL.
 
 Time convention: σ ∈ [0, 1], x_σ = (1 − σ)·x0 + σ·ε; σ = 1 is noise, σ = 0 data.
 The network predicts the velocity v = ε − x0, so x0_hat = x_σ − σ·v_hat.
@@ -120,8 +114,7 @@ def hsv_to_rgb(h, s, v):
 
 
 def _bounce(p0, v, t, lo, hi):
-    """Position and velocity at time t of a point bouncing elastically between walls lo and hi:
-    unfold the path (p0 + v·t), then fold it with a triangle wave."""
+    """Position, velocity at time t, bouncing between walls lo, hi: p0 + v·t folded back."""
     L = hi - lo
     u = torch.remainder(p0 - lo + v * t, 2 * L)               # position on the unfolded circuit
     return lo + torch.where(u < L, u, 2 * L - u), torch.where(u < L, v, -v)
@@ -255,14 +248,11 @@ class DiTBlock(nn.Module):
         super().__init__()
         self.heads = heads
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(4 * dim, dim))
-        self.adaLN_modulation = nn.Linear(dim, 6 * dim)
-        nn.init.zeros_(self.adaLN_modulation.weight)
-        nn.init.zeros_(self.adaLN_modulation.bias)
+        self.adaLN_modulation = nn.Linear(dim, 6 * dim)         # zero at init: VideoDiT
 
     def forward(self, x, c, frame, k_frame, mask, cache: KVCache | None, layer: int, write: int):
         # x, c: (B, L, D) tokens and condition; frame (L,); k_frame, mask columns: context + L
@@ -286,8 +276,7 @@ class DiTBlock(nn.Module):
 
 def timestep_embedding(sigma, dim: int):
     """Sinusoidal embedding of 1000·σ, (…,) → (…, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=sigma.device) / half)
+    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=sigma.device) / (dim // 2))
     ang = 1000 * sigma[..., None].float() * freqs
     return torch.cat([ang.cos(), ang.sin()], dim=-1)
 
@@ -307,11 +296,10 @@ class VideoDiT(nn.Module):
         nn.init.normal_(self.label_emb.weight, std=0.02)
         self.blocks = nn.ModuleList([DiTBlock(D, cfg.heads) for _ in range(cfg.depth)])
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.adaLN_out = nn.Linear(D, 2 * D)
-        self.patch_out = nn.Linear(D, 3 * p * p)
-        for m in (self.adaLN_out, self.patch_out):
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.adaLN_out, self.patch_out = nn.Linear(D, 2 * D), nn.Linear(D, 3 * p * p)
+        for w in [*self.adaLN_out.parameters(), *self.patch_out.parameters(),  # adaLN-zero (DiT)
+                  *(w for blk in self.blocks for w in blk.adaLN_modulation.parameters())]:
+            nn.init.zeros_(w)
 
     def new_cache(self, sink: bool = False) -> KVCache:
         """An empty KV cache for the `window − block` context frames (`sink`: block 0 stays)."""
@@ -519,12 +507,6 @@ def step_groups(K: int, S: int) -> list[range]:
     return [range(edges[s], edges[s + 1]) for s in range(S)]
 
 
-def pipeline_schedule(N: int, K: int, S: int) -> list[dict]:
-    """Stream s runs block n (its group of steps) in time slot n + s, if a stage takes one slot."""
-    return [dict(slot=n + s, stream=s, block=n, steps=list(g))
-            for s, g in enumerate(step_groups(K, S)) for n in range(N)]
-
-
 @torch.no_grad()
 def pipelined(model: VideoDiT, noise: Noise, frames: int, label=None, context_t: str = "next",
               streams: int = 2, threads_per_stream: int | None = 1, fused: bool = False,
@@ -585,28 +567,47 @@ def sample_pipelined(model: VideoDiT, noise: Noise, frames: int, label=None, **k
 
 # ==== 9. Losses ===================================================================================
 
-def flow_loss(model, x0, sigma, eps, label=None, causal: bool = False):
-    """Flow matching, L = ‖v_θ(x_σ, σ, label) − (ε − x0)‖², σ (B,): trains the teacher
-    (full attention, labels dropped at random for CFG) and the critic (the fake score)."""
+def flow_loss(model, x0, sigma, eps, label=None, causal: bool = False, n=None):
+    """Flow matching, L = ‖v_θ(x_σ, σ, label) − (ε − x0)‖², σ (B,): the teacher
+    (labels dropped for CFG), the critic; with blocks n (B,) an AR teacher (see teacher_forced)."""
     x_t = add_noise(x0, eps, sigma[:, None, None, None, None])
-    return F.mse_loss(model(x_t, sigma, label, causal=causal), eps - x0)
+    if n is None:
+        return F.mse_loss(model(x_t, sigma, label, causal=causal), eps - x0)
+    x_t, s, on = teacher_forced(x0, x_t, sigma, n, model.cfg.block)
+    return (model(x_t, s, label, causal=True) - (eps - x0)).pow(2).mean((2, 3, 4))[on].mean()
+
+
+def teacher_forced(context, x, sigma, n, block: int):
+    """Teacher forcing (Causal Forcing): clip i's blocks before n[i] from the clean `context`,
+    the rest from x at σ[i]; σ, n (B,) or scalars → (input, levels (B, T), block n's mask)."""
+    blk = torch.arange(x.shape[1], device=x.device) // block                        # (T,)
+    n = torch.as_tensor(n, device=x.device).reshape(-1, 1)                          # (B or 1, 1)
+    past, s = blk < n, torch.as_tensor(sigma, device=x.device).float().reshape(-1, 1)
+    x_in = torch.where(past[..., None, None, None], context, x)                     # (B, T, …)
+    return x_in, torch.where(past, 0.0, s).expand(len(x), -1), blk == n
 
 
 @torch.no_grad()
 def teacher_ode(teacher: VideoDiT, eps, keep: list[float], steps: int = 48, shift: float = 8.0,
-                label=None, guidance: float = 1.0):
+                label=None, guidance: float = 1.0, context=None):
     """The teacher's ODE dx/dσ = v from σ = 1 to 0 with CFG, Euler on a shifted grid (official 48
-    steps, shift 8) via `keep`: eps (B, T, 3, H, W) → (states (B, len(keep), T, …), x0)."""
+    steps, shift 8) via `keep`: eps (B, T, 3, H, W) → (states (B, len(keep), T, …), x0). With a
+    clean `context` (B, T, …), an AR teacher solves one block at a time, teacher-forced."""
     grid = [float(shift_sigma(1 - i / steps, shift)) for i in range(steps + 1)]
     grid = sorted({round(s, 7) for s in grid + list(keep)}, reverse=True)
-    want = {round(s, 7): i for i, s in enumerate(keep)}
-    x, states = eps, [None] * len(keep)
-    for a, b in zip(grid[:-1], grid[1:]):
-        if a in want:
-            states[want[a]] = x
-        x0_hat = teacher.x0(x, a, label, guidance, causal=False)
-        x = x + (b - a) * (x - x0_hat) / a                  # v = (x − x0_hat) / σ
-    return (torch.stack(states, 1) if states else None), x
+    want, T, b = {round(s, 7): i for i, s in enumerate(keep)}, eps.shape[1], teacher.cfg.block
+    x, states = eps, eps.new_zeros(len(eps), len(keep), *eps.shape[1:])
+    blk = torch.arange(T, device=eps.device)[:, None, None, None] // b              # (T, 1, 1, 1)
+    for n in range(T // b) if context is not None else [None]:       # None: all frames at once
+        f, on = (T, blk >= 0) if n is None else ((n + 1) * b, blk == n)   # frames seen, solved
+        for a, z in zip(grid[:-1], grid[1:]):
+            if a in want:
+                states[:, want[a]] = torch.where(on, x, states[:, want[a]])
+            xs, σ = (x, a) if n is None else teacher_forced(context[:, :f], x[:, :f], a, n, b)[:2]
+            x0_hat = teacher.x0(xs, σ, label, guidance, causal=n is not None)
+            x0_hat = torch.cat([x0_hat, x[:, f:]], 1)              # the frames after f: unused
+            x = torch.where(on, x + (z - a) * (x - x0_hat) / a, x)     # v = (x − x0_hat) / σ
+    return states, x
 
 
 def dmd_sigma(B: int, shift: float, generator=None, device=None, t_min: float = 0.02,
@@ -624,9 +625,8 @@ def dmd_loss(x0, teacher: VideoDiT, critic: VideoDiT, shift: float, label=None,
     the interval `guidance_sigmas`: Kynkäänniemi et al. 2024) and the fake score (critic); then
         grad = (x0_fake − x0_real) / mean|x0 − x0_real|, L = ½·‖x0 − sg(x0 − grad)‖²:
     ∂L/∂x0 ∝ grad moves x0 where the teacher's distribution is denser than the student's."""
-    B = x0.shape[0]
     with torch.no_grad():
-        sigma = dmd_sigma(B, shift, generator, x0.device)                    # (B,)
+        sigma = dmd_sigma(x0.shape[0], shift, generator, x0.device)          # (B,)
         eps = torch.randn(x0.shape, generator=generator).to(x0.device)
         x_t = add_noise(x0, eps, sigma[:, None, None, None, None])
         lo, hi = guidance_sigmas

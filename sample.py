@@ -481,6 +481,13 @@ def block_stream(model, sampler: str, noise, frames: int, label, context_t: str,
     return hiar.pipelined(model, noise, frames, label, context_t, streams=streams, sink=sink)
 
 
+def pipeline_schedule(N: int, K: int, S: int) -> list[dict]:
+    """hiar.pipelined's wavefront as a table: stream s runs block n (its group of steps) in time
+    slot n + s, if a stage takes one slot; N blocks take N + S − 1 slots instead of N·S."""
+    return [dict(slot=n + s, stream=s, block=n, steps=list(g))
+            for s, g in enumerate(hiar.step_groups(K, S)) for n in range(N)]
+
+
 @torch.no_grad()
 def distributed(model, noise, frames: int, label=None, context_t: str = "next",
                 fused: bool = False, sink: bool = False):

@@ -847,7 +847,7 @@ def test_fused_pass_with_gradient_is_refused_because_its_gradients_differ(cfg):
 
 @pytest.mark.parametrize("N,K,S", [(8, 4, 2), (5, 4, 4), (3, 4, 1), (6, 3, 2)])
 def test_pipeline_schedule_respects_dependencies(N, K, S):
-    cells = hiar.pipeline_schedule(N, K, S)
+    cells = sample.pipeline_schedule(N, K, S)
     assert max(c["slot"] for c in cells) + 1 == N + S - 1                 # N + S − 1 slots
     assert sorted(j for c in cells if c["block"] == 0 for j in c["steps"]) == list(range(K))
     where = {(c["block"], j): (c["slot"], c["stream"]) for c in cells for j in c["steps"]}

@@ -54,6 +54,10 @@ class TrainConfig:
     ode_shift: float = 8.0
     init_steps: int = 1500
     init_lr: float = 3e-4
+    init_teacher: str = "bidirectional"  # whose ODE the ODE init regresses on: bidirectional, or
+    #                              causal (Causal Forcing: an AR teacher, teacher-forced ODE pairs)
+    ar_steps: int = 2000         # the AR teacher: the bidirectional one fine-tuned block-causally
+    ar_lr: float = 3e-4          # by teacher forcing on the toy's data (Causal Forcing: >= 2K)
     # self-rollout DMD (+ forward KL)
     dmd_steps: int = 100         # with the EMA below, the students peak here (docs/distillation.md)
     dmd_batch: int = 8
@@ -104,13 +108,15 @@ class TrainConfig:
         need(self.ema < 1, "ema", "must be in [0, 1)")
         need(self.guidance_min_sigma <= self.guidance_max_sigma, "guidance_min_sigma",
              f"must be <= guidance_max_sigma={self.guidance_max_sigma}")
-        need(self.fkl_mode in ("bidirectional", "causal"), "fkl_mode",
-             "must be 'bidirectional' or 'causal'")
+        for name in ("fkl_mode", "init_teacher"):
+            need(getattr(self, name) in ("bidirectional", "causal"), name,
+                 "must be 'bidirectional' or 'causal'")
 
 
 TRAIN_PRESETS = {
     "smoke": dict(batch=4, teacher_steps=30, ode_pairs=8, ode_steps=6, init_steps=10,
-                  dmd_steps=4, dmd_batch=2, critic_ratio=2, ema_start=2, ckpt_every=5),
+                  dmd_steps=4, dmd_batch=2, critic_ratio=2, ema_start=2, ckpt_every=5,
+                  ar_steps=10),
     "toy": dict(),
 }
 
@@ -165,7 +171,14 @@ NETWORK_FIELDS = [f.name for f in dataclasses.fields(hiar.Config)
 
 
 # What the ODE pairs and the ODE init depend on besides the data and network (--init-from).
-ODE_FIELDS = ["batch", "guidance", "ode_pairs", "ode_steps", "ode_shift", "init_steps", "init_lr"]
+ODE_FIELDS = ["batch", "guidance", "ode_pairs", "ode_steps", "ode_shift", "init_steps", "init_lr",
+              "init_teacher", "ar_steps", "ar_lr"]
+
+
+def with_defaults(train: dict) -> dict:
+    """A stamped TrainConfig dict, fields added since it was written at their defaults (each
+    new field's default keeps the old behaviour, so older runs and checkpoints still match)."""
+    return {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **train}
 
 
 def check_network(ck: dict, cfg: hiar.Config, path):
@@ -197,7 +210,7 @@ class Run:
         if cfg_file.exists():
             old = json.loads(cfg_file.read_text())
             diff = (config_diff(old.get("config", {}), resolved["config"])
-                    + config_diff(old.get("train", {}), resolved["train"]))
+                    + config_diff(with_defaults(old.get("train", {})), resolved["train"]))
             if old.get("seed") != seed:
                 diff.append(f"seed: {old.get('seed')} vs {seed}")
             if diff:
@@ -237,7 +250,7 @@ def train_loop(run: Run, stage: str, steps: int, modules: dict, step_fn, every: 
     if path.exists():
         ck = load_checkpoint(path)
         diff = config_diff(ck["config"], run.stamp(stage, extra)["config"]) + config_diff(
-            ck.get("train", {}), asdict(run.tc))
+            with_defaults(ck.get("train", {})), asdict(run.tc))
         if diff:
             raise CLIError(f"{path} was made with a different config ({'; '.join(diff)})")
         for name, m in modules.items():
@@ -401,22 +414,63 @@ def train_teacher(run: Run) -> float:
                       every=tc.ckpt_every)
 
 
+def train_ar_teacher(run: Run, teacher: hiar.VideoDiT) -> float:
+    """Causal Forcing's AR teacher (init_teacher=causal): the bidirectional teacher fine-tuned
+    block-causally by teacher forcing on the toy's data — each clip's block n (drawn per clip)
+    noised, the blocks before it clean, the flow loss on block n (hiar.flow_loss with n). Its
+    ODE then maps a block's noise to one clean block given the past, which a causal student can
+    learn; the bidirectional teacher's ODE, which also sees the future, is not such a map."""
+    cfg, tc, dev = run.cfg, run.tc, run.device
+    model = copy.deepcopy(teacher).requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.ar_lr, weight_decay=0.0)
+    ema = EMA(model, 0.999)
+    g = torch.Generator().manual_seed(run.seed + 4)
+
+    def step_fn(step):
+        set_lr(opt, tc.ar_lr, step, tc.ar_steps)
+        x0, state = hiar.moving_shapes(cfg, tc.batch, g)
+        label = drop_labels(state["label"], tc.label_dropout, g) if cfg.labels else None
+        sigma = sample_train_sigma(tc.batch, g, dev, tc.teacher_shift)
+        n = torch.randint(cfg.frames // cfg.block, (tc.batch,), generator=g)
+        eps = torch.randn(x0.shape, generator=g).to(dev)
+        with autocast(run):
+            loss = hiar.flow_loss(model, x0.to(dev), sigma, eps, label, n=n.to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update(model, min(0.999, (1 + step) / (10 + step)))
+        return {"loss": loss.item()}
+
+    return train_loop(run, "ar_teacher", tc.ar_steps,
+                      {"model": model, "ema": ema, "opt": opt, "data_rng": GenState(g)}, step_fn,
+                      every=tc.ckpt_every)
+
+
 # ------------------------------------------------------------------------------------------------
 # Stage 2: ODE pairs — teacher trajectories (with CFG) kept at the student's σ levels
 # ------------------------------------------------------------------------------------------------
 
-def make_ode_pairs(run: Run, teacher: hiar.VideoDiT) -> float:
+def make_ode_pairs(run: Run, teacher: hiar.VideoDiT, stage: str = "ode_pairs") -> float:
+    """The teacher's ODE from noise, kept at the student's levels. Stage ar_ode_pairs (Causal
+    Forcing): the AR teacher solves each block teacher-forced on a data clip's earlier blocks
+    (the data is stored too: the ODE init sees the same past)."""
     cfg, tc, t0 = run.cfg, run.tc, time.time()
-    g = torch.Generator().manual_seed(run.seed + 1)
+    causal = stage == "ar_ode_pairs"
+    g = torch.Generator().manual_seed(run.seed + (5 if causal else 1))
     sig = hiar.student_sigmas(cfg.K, cfg.shift)[:-1]
-    states, finals, labels = [], [], []
-    bar = Progress("ode_pairs", tc.ode_pairs)
+    states, finals, labels, data = [], [], [], []
+    bar = Progress(stage, tc.ode_pairs)
     for i in range(0, tc.ode_pairs, tc.batch):
-        B = min(tc.batch, tc.ode_pairs - i)
+        B, past = min(tc.batch, tc.ode_pairs - i), None
+        if causal:
+            past, state = hiar.moving_shapes(cfg, B, g)
+            data.append(past)
         eps = torch.randn(B, cfg.frames, 3, cfg.size, cfg.size, generator=g).to(run.device)
-        label = torch.randint(cfg.labels, (B,), generator=g) if cfg.labels else None
+        label = state["label"] if causal and cfg.labels else (
+            torch.randint(cfg.labels, (B,), generator=g) if cfg.labels else None)
         st, x0 = hiar.teacher_ode(teacher, eps, sig, tc.ode_steps, tc.ode_shift, label,
-                                  tc.guidance)
+                                  tc.guidance, context=None if past is None else past.to(eps))
         states.append(st.cpu())
         finals.append(x0.cpu())
         labels.append(label if label is not None else torch.full((B,), -1))
@@ -424,13 +478,13 @@ def make_ode_pairs(run: Run, teacher: hiar.VideoDiT) -> float:
     bar.close()
     states, finals = torch.cat(states), torch.cat(finals)     # (M, K, T, 3, H, W), (M, T, …)
     if not torch.isfinite(states).all():
-        raise CLIError("stage ode_pairs: the teacher produced non-finite values; nothing saved")
+        raise CLIError(f"stage {stage}: the teacher produced non-finite values; nothing saved")
     save_atomic({"states": states, "x0": finals, "label": torch.cat(labels),
-                 "sigmas": torch.tensor(sig), **run.stamp("ode_pairs"), "done": True},
-                run.ckpt("ode_pairs"))
+                 "sigmas": torch.tensor(sig), **({"data": torch.cat(data)} if causal else {}),
+                 **run.stamp(stage), "done": True}, run.ckpt(stage))
     took = time.time() - t0
-    print(f"[ode_pairs] done: {len(finals)} trajectories in {took / 60:.1f} min")
-    run.log({"stage": "ode_pairs", "event": "done", "seconds": took})
+    print(f"[{stage}] done: {len(finals)} trajectories in {took / 60:.1f} min")
+    run.log({"stage": stage, "event": "done", "seconds": took})
     return took
 
 
@@ -449,8 +503,16 @@ def ode_regression(student, levels, sig, pairs: dict, B: int, cfg: hiar.Config, 
     """The ODE-init objective on one batch: B trajectories, each block at its own level — one
     of the student's σ_j or clean (σ = 0), drawn per block as Self-Forcing does — and the
     block-causal student predicts the teacher ODE's endpoint x0. Trains the ODE init; in DMD it
-    is the regression anchor (`reg_weight`, DMD's regression loss on teacher outputs)."""
+    is the regression anchor (`reg_weight`, DMD's regression loss on teacher outputs). Pairs
+    with `data` (ar_ode_pairs): each clip's block n alone, after the data's clean blocks."""
     idx = torch.randint(len(levels), (B,), generator=g)
+    if "data" in pairs:      # teacher-forced pairs (Causal Forcing): block n at σ_j, a clean past
+        n, j = torch.randint(cfg.frames // cfg.block, (B,), generator=g), torch.randint(
+            len(sig) - 1, (B,), generator=g)
+        x, s, on = hiar.teacher_forced(pairs["data"][idx], levels[idx, j], sig[j], n, cfg.block)
+        lab = pairs["label"][idx] if cfg.labels else None
+        pred = student.x0(x.to(device), s.to(device), lab, causal=True)
+        return (pred.float() - pairs["x0"][idx].to(device)).pow(2).mean((2, 3, 4))[on].mean()
     j = torch.randint(len(sig), (B, cfg.frames // cfg.block), generator=g)
     j = j.repeat_interleave(cfg.block, 1)                               # (B, T): level per frame
     x = levels[idx[:, None], j, torch.arange(cfg.frames)]               # (B, T, 3, H, W)
@@ -460,9 +522,10 @@ def ode_regression(student, levels, sig, pairs: dict, B: int, cfg: hiar.Config, 
 
 
 def train_ode_init(run: Run, teacher: hiar.VideoDiT, pairs: dict) -> float:
-    """CausVid / Self-Forcing initialisation: regress the block-causal student onto the teacher's
-    trajectories (`ode_regression`). Per-block levels show the student the mixed contexts of
-    both samplers (clean for block-major, noisy for step-major)."""
+    """CausVid / Self-Forcing initialisation: regress the block-causal student, started from
+    `teacher`'s weights, onto its trajectories (`ode_regression`). Per-block levels show the
+    student the mixed contexts of both samplers (clean for block-major, noisy for step-major);
+    Causal Forcing's teacher-forced pairs show it a clean past."""
     cfg, tc, dev = run.cfg, run.tc, run.device
     student = copy.deepcopy(teacher).requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=tc.init_lr, weight_decay=0.0)
@@ -648,7 +711,7 @@ def resolve_students(args, cfg: hiar.Config, tc: TrainConfig) -> list[tuple]:
 def init_diff(ck: dict, run: Run) -> list[str]:
     """How an ODE-pairs / ODE-init checkpoint differs from what this run would make."""
     return (config_diff(ck["config"], run.cfg.to_dict())
-            + config_diff(ck.get("train", {}), asdict(run.tc), ODE_FIELDS))
+            + config_diff(with_defaults(ck.get("train", {})), asdict(run.tc), ODE_FIELDS))
 
 
 def share_init(run: Run, src: Path):
@@ -716,12 +779,13 @@ def ship(run: Run, stage: str, dest: Path, command: str):
     weights = ck["ema"] if "ema" in ck else ck["model"]
     keep = ("config", "train", "seed", "stage", "order", "fkl_weight", "context_t", "step")
     small = {k: ck[k] for k in keep if k in ck}
-    dtype = torch.float32 if stage == "teacher" else torch.float16   # the teacher scores DMD
+    dtype = torch.float32 if "teacher" in stage else torch.float16   # teachers score DMD or
+    #                                                                   make ODE pairs
     small.update(model={k: v.to(dtype) for k, v in weights.items()},
                  note=f"{command} (seed {run.seed}; weights stored in "
                       f"{str(dtype).replace('torch.', '')})")
     # students of several training seeds side by side: <name>_s<seed>.pt
-    name = stage if stage in ("teacher", "ode_init") else f"{stage}_s{run.seed}"
+    name = stage if stage in ("teacher", "ar_teacher", "ode_init") else f"{stage}_s{run.seed}"
     save_atomic(small, Path(dest) / f"{name}.pt")
     print(f"shipped {Path(dest) / f'{name}.pt'}")
     if stage == "teacher" and run.ckpt("teacher").with_suffix(".gif").exists():
@@ -770,7 +834,16 @@ def run_all(args) -> Run:
     pairs = load_checkpoint(run.ckpt("ode_pairs"))
     trained_init = not run.done("ode_init")
     if trained_init:
-        times["ode_init"] = train_ode_init(run, teacher, pairs)
+        start, init_pairs = teacher, pairs
+        if tc.init_teacher == "causal":              # Causal Forcing: AR teacher, its own pairs
+            if not run.done("ar_teacher"):
+                times["ar_teacher"] = train_ar_teacher(run, teacher)
+            start = model_from_checkpoint(load_checkpoint(run.ckpt("ar_teacher")),
+                                          run.ckpt("ar_teacher"), "ema").to(dev)
+            if not run.done("ar_ode_pairs"):
+                times["ar_ode_pairs"] = make_ode_pairs(run, start, "ar_ode_pairs")
+            init_pairs = load_checkpoint(run.ckpt("ar_ode_pairs"))
+        times["ode_init"] = train_ode_init(run, start, init_pairs)
     init = model_from_checkpoint(load_checkpoint(run.ckpt("ode_init")),
                                  run.ckpt("ode_init")).to(dev)
     if trained_init:
@@ -788,6 +861,8 @@ def run_all(args) -> Run:
         command = "python train_toy.py " + " ".join(sys.argv[1:])
         own_init = not args.init_from and not load_checkpoint(run.ckpt("ode_init")).get("shipped")
         shared = ["ode_init"] if own_init else []   # a shared or shipped one is not shipped again
+        if own_init and tc.init_teacher == "causal":
+            shared.insert(0, "ar_teacher")
         for stage in shared + [s[0] for s in students]:
             ship(run, stage, Path(args.ship), command)
     return run
