@@ -1013,6 +1013,73 @@ def test_teacher_ode_keeps_states_at_requested_levels_and_guides(cfg):
     assert not torch.allclose(x0, x0_cfg)
 
 
+def causal_reference(model, past, x_n, sigma, n, label=None, guidance=1.0):
+    """The slow oracle of teacher forcing: one clip batch, block n alone after the clean blocks
+    before it, on a sequence cut after block n (nothing later exists), block-causal → block n's
+    x0_hat."""
+    b = model.cfg.block
+    xs = torch.cat([past[:, :n * b], x_n], 1)
+    s = torch.cat([torch.zeros(len(xs), n * b), torch.full((len(xs), b), float(sigma))], 1)
+    return model.x0(xs, s, label, guidance, causal=True)[:, n * b:]
+
+
+def test_teacher_forcing_loss_sees_a_clean_past_and_a_noisy_block(cfg):
+    """flow_loss with blocks n (Causal Forcing's AR teacher): each clip's block n at its σ after
+    its own clean blocks, the loss on block n only — equal to the cut-sequence oracle, blind to
+    everything after block n, and changed by the clean past."""
+    model, B, b = random_model(cfg), 4, cfg.block
+    x0, eps = torch.randn(B, cfg.frames, 3, cfg.size, cfg.size), torch.randn(B, cfg.frames, 3,
+                                                                             cfg.size, cfg.size)
+    sigma, n, lab = torch.tensor([0.9, 0.3, 0.6, 1.0]), torch.tensor([0, 1, 2, 1]), torch.arange(
+        B) % cfg.labels
+    loss = hiar.flow_loss(model, x0, sigma, eps, lab, n=n)
+    ref = []
+    for i in range(B):
+        f = slice(n[i] * b, (n[i] + 1) * b)
+        x_t = hiar.add_noise(x0[i:i + 1, f], eps[i:i + 1, f], sigma[i])
+        xs = torch.cat([x0[i:i + 1, :n[i] * b], x_t], 1)
+        s = torch.cat([torch.zeros(1, n[i] * b), torch.full((1, b), sigma[i].item())], 1)
+        v = model(xs, s, lab[i:i + 1], causal=True)[:, n[i] * b:]
+        ref.append((v - (eps[i:i + 1, f] - x0[i:i + 1, f])).pow(2).mean())
+    assert loss.item() == pytest.approx(torch.stack(ref).mean().item(), rel=1e-5)
+    later = x0.clone()
+    later[:, 2 * b:] += 1                         # clip 0 and 1 and 3 do not see blocks >= 2
+    keep = torch.tensor([True, True, False, True])
+    per_clip = lambda x: torch.stack([hiar.flow_loss(model, x[i:i + 1], sigma[i:i + 1],   # noqa
+                                                     eps[i:i + 1], lab[i:i + 1], n=n[i:i + 1])
+                                      for i in range(B)])
+    assert torch.equal(per_clip(later)[keep], per_clip(x0)[keep])
+    past = x0.clone()
+    past[:, :b] += 1                              # the clean block 0 is seen by blocks >= 1
+    assert (per_clip(past)[1:] != per_clip(x0)[1:]).all()
+
+
+def test_teacher_forced_ode_solves_each_block_after_the_clean_context(cfg):
+    """teacher_ode with a context (Causal Forcing's ODE pairs): block n's trajectory is the
+    oracle's Euler ODE of block n alone after the context's clean blocks before it; the states
+    are kept at the requested levels; the context of later blocks plays no part."""
+    teacher, B, b = random_model(cfg), 2, cfg.block
+    eps = torch.randn(B, cfg.frames, 3, cfg.size, cfg.size)
+    ctx, lab = torch.randn_like(eps), torch.tensor([0, 1])
+    keep, steps, shift = hiar.student_sigmas(2, 5.0)[:-1], 6, 8.0
+    states, x0 = hiar.teacher_ode(teacher, eps, keep, steps, shift, lab, 3.0, context=ctx)
+    grid = sorted({round(float(hiar.shift_sigma(1 - i / steps, shift)), 7) for i in
+                   range(steps + 1)} | {round(k, 7) for k in keep}, reverse=True)
+    for n in range(cfg.frames // b):
+        x, f = eps[:, n * b:(n + 1) * b], slice(n * b, (n + 1) * b)
+        for a, z in zip(grid[:-1], grid[1:]):
+            if a in [round(k, 7) for k in keep]:
+                assert torch.allclose(states[:, [round(k, 7) for k in keep].index(a), f], x,
+                                      atol=1e-5)
+            x = x + (z - a) * (x - causal_reference(teacher, ctx, x, a, n, lab, 3.0)) / a
+        assert torch.allclose(x0[:, f], x, atol=1e-5)
+    late = ctx.clone()
+    late[:, -b:] += 5                             # the last block's context is nobody's past
+    assert torch.equal(hiar.teacher_ode(teacher, eps, keep, steps, shift, lab, 3.0,
+                                        context=late)[1], x0)
+    assert not torch.allclose(hiar.teacher_ode(teacher, eps, [], steps, shift, lab, 3.0)[1], x0)
+
+
 # ------------------------------------------------------------------------------------------------
 # Drift metrics (sample.py): known answers
 # ------------------------------------------------------------------------------------------------
@@ -1316,6 +1383,70 @@ def test_ode_regression_puts_each_block_at_one_level_and_regresses_on_the_endpoi
     assert loss.item() == pytest.approx(torch.stack(targets).pow(2).mean().item(), rel=1e-6)
 
 
+def test_ode_regression_on_teacher_forced_pairs_sees_the_data_past(cfg):
+    """With Causal Forcing's pairs (they carry the data they were solved on), each clip's block
+    n sits at one student level σ_j < clean, the blocks before it are the data at σ = 0, and
+    only block n's x0 is regressed onto the ODE's endpoint."""
+    M, K, b = 6, cfg.K, cfg.block
+    pairs = {"states": torch.randn(M, K, cfg.frames, 3, cfg.size, cfg.size),
+             "x0": torch.randn(M, cfg.frames, 3, cfg.size, cfg.size),
+             "data": torch.randn(M, cfg.frames, 3, cfg.size, cfg.size),
+             "sigmas": torch.tensor(hiar.student_sigmas(K, cfg.shift)[:-1]),
+             "label": torch.arange(M)}
+    levels, sig = train_toy.ode_levels(pairs)
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def x0(self, x, sigma, label=None, causal=False):
+            seen.append((x, sigma, label, causal))
+            return x * 0 + 1                                     # predicts 1 everywhere
+    loss = train_toy.ode_regression(Spy(), levels, sig, pairs, 8, cfg,
+                                    torch.Generator().manual_seed(0), "cpu")
+    x, sigma, label, causal = seen[0]
+    errs = []
+    for i in range(8):
+        c, n = int(label[i]), int((sigma[i] > 0).nonzero()[0]) // b        # clip and block n
+        f = slice(n * b, (n + 1) * b)
+        assert causal and (sigma[i, :n * b] == 0).all() and sigma[i, f].unique().numel() == 1
+        assert torch.equal(x[i, :n * b], pairs["data"][c, :n * b])
+        j = sig.tolist().index(sigma[i, f][0].item())
+        assert j < K and torch.equal(x[i, f], pairs["states"][c, j, f])
+        errs.append((1 - pairs["x0"][c, f]).pow(2).mean())
+    assert loss.item() == pytest.approx(torch.stack(errs).mean().item(), rel=1e-6)
+
+
+def test_causal_init_stages_and_old_runs_still_match(tmp_path):
+    """init_teacher=causal adds the AR teacher and its ODE pairs before the ODE init (which
+    starts from the AR teacher) and ships the AR teacher with it; TrainConfig fields added
+    later read as their defaults in older run directories and checkpoints."""
+    with pytest.raises(ValueError, match="init_teacher"):
+        train_toy.TrainConfig(init_teacher="ar")
+    r = run_cli("train_toy.py", "--preset", "smoke", "--run-dir", str(tmp_path), "--students",
+                "hiar", "--set", "init_teacher=causal", "--ship", str(tmp_path / "ship"))
+    assert r.returncode == 0, r.stderr
+    for stage in ("ar_teacher", "ar_ode_pairs", "ode_init", "ode_pairs"):
+        assert torch.load(tmp_path / f"{stage}.pt", weights_only=True)["done"], stage
+    pairs = torch.load(tmp_path / "ar_ode_pairs.pt", weights_only=True)
+    assert pairs["data"].shape == pairs["x0"].shape and "data" not in torch.load(
+        tmp_path / "ode_pairs.pt", weights_only=True)
+    assert sorted(p.name for p in (tmp_path / "ship").iterdir()) == [
+        "ar_teacher.pt", "hiar_s0.pt", "ode_init.pt"]
+    ar = torch.load(tmp_path / "ship" / "ar_teacher.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in ar["model"].values())
+    cfg_file = tmp_path / "config.json"                     # as written before the field existed
+    old = json.loads(cfg_file.read_text())
+    del old["train"]["ar_lr"]                               # the smoke preset keeps its default
+    cfg_file.write_text(json.dumps(old))
+    r = run_cli("train_toy.py", "--preset", "smoke", "--run-dir", str(tmp_path), "--students",
+                "hiar", "--set", "init_teacher=causal")
+    assert r.returncode == 0 and "nothing to do" in r.stdout, r.stderr
+    del old["train"]["init_teacher"]                        # now it reads as bidirectional
+    cfg_file.write_text(json.dumps(old))
+    r = run_cli("train_toy.py", "--preset", "smoke", "--run-dir", str(tmp_path), "--students",
+                "hiar", "--set", "init_teacher=causal")
+    assert r.returncode == 2 and "init_teacher: 'bidirectional' vs 'causal'" in r.stderr
+
+
 def test_regression_anchor_adds_its_weight_times_the_ode_loss(cfg, smoke_run, monkeypatch):
     """TrainConfig.reg_weight: each generator update adds reg_weight · ode_regression(student)
     (on the student being trained); 0, the default, leaves the recipe as it was (not called)."""
@@ -1401,6 +1532,31 @@ def test_smoke_preset_runs_every_stage(tmp_path):
                 "--init-from", str(tmp_path), "--set", "ode_steps=7")
     assert r.returncode == 2 and r.stderr.strip() == (
         f"error: --init-from {tmp_path}: its ode_pairs.pt differs (ode_steps: 6 vs 7)")
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_every_lever_and_packs_the_results(tmp_path):
+    """scripts/gpu_runs.sh, tiny and on the CPU: every run finishes inside its budget and the
+    small checkpoints come back packed (what a lent GPU's one call returns)."""
+    import tarfile
+    env = {**os.environ, "PRESET": "smoke", "DEVICE": "cpu", "OUT": str(tmp_path), "BUDGET": "300"}
+    work = tmp_path / "repo"                        # the code alone; runs/gpu is made there
+    (work / "scripts").mkdir(parents=True)
+    for f in ("hiar.py", "sample.py", "train_toy.py", "scripts/gpu_runs.sh"):
+        (work / f).write_bytes((HERE / f).read_bytes())
+    r = subprocess.run(["bash", "scripts/gpu_runs.sh"], cwd=work, env=env, capture_output=True,
+                       text=True, timeout=400)
+    assert r.returncode == 0, r.stderr
+    names = {t: sorted(tarfile.open(tmp_path / f"{t}.tar").getnames())
+             for t in ("causal_s0", "causal_s12", "r48", "logs")}
+    assert "ship_c0/ar_teacher.pt" in names["causal_s0"] and "ship_c0/ode_init.pt" in names[
+        "causal_s0"]
+    for s in range(3):
+        tar = names["causal_s0" if s == 0 else "causal_s12"]
+        assert {f"ship_c_s{s}/{o}_s{s}.pt" for o in ("hiar", "hiar_no_fkl", "self_forcing")} \
+            <= set(tar)
+    assert {f"ship_r48_sink{k}/{o}_s0.pt" for k in ("true", "false")
+            for o in ("hiar", "self_forcing")} <= set(names["r48"])
 
 
 @pytest.mark.slow
@@ -1607,6 +1763,27 @@ def test_context_probe_continues_like_block_major_and_measures_the_jump(model, c
                         (["--ckpt", "nope.pt"], "no such file")):    # checked before any work
         with pytest.raises(sample.CLIError, match=words):
             context_probe.main(argv)
+
+
+def test_ar_rollout_is_the_ar_teachers_own_block_by_block_ode(cfg):
+    """context_probe.ar_rollout: block n is the teacher-forced oracle's Euler ODE of block n after
+    the blocks the AR teacher made itself (not after the noise, not after data)."""
+    sys.path.insert(0, str(HERE / "scripts"))
+    import context_probe
+    ar, b, steps, shift = random_model(cfg, 3), cfg.block, 4, 8.0
+    eps, lab = torch.randn(2, cfg.frames, 3, cfg.size, cfg.size), torch.tensor([1, 0])
+    video = context_probe.ar_rollout(ar, eps, lab, steps, shift, 3.0)
+    grid = [float(hiar.shift_sigma(1 - i / steps, shift)) for i in range(steps + 1)]
+    own = torch.zeros_like(eps)
+    for n in range(cfg.frames // b):
+        x = eps[:, n * b:(n + 1) * b]
+        for a, z in zip(grid[:-1], grid[1:]):
+            with torch.no_grad():
+                x = x + (z - a) * (x - causal_reference(ar, own, x, a, n, lab, 3.0)) / a
+        own[:, n * b:(n + 1) * b] = x
+    assert torch.allclose(video, own, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(video[:, b:], hiar.teacher_ode(ar, eps, [], steps, shift, lab, 3.0,
+                                                             context=eps)[1][:, b:], atol=1e-3)
 
 
 def _grounds_video(first, last, frames=12, size=16, blob=True):

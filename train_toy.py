@@ -4,6 +4,7 @@
     python train_toy.py --from-scratch        # train the teacher too
     python train_toy.py --preset smoke        # every stage end to end in under a minute
     python train_toy.py --seed 1 --init-from runs/toy_s0 --run-dir runs/s1   # another DMD seed
+    python train_toy.py --set init_teacher=causal --run-dir runs/causal  # Causal Forcing's init
 
 Every stage writes its checkpoint into the run directory; rerunning the same command after an
 interruption skips finished stages and resumes the interrupted one from its last checkpoint.
@@ -56,6 +57,8 @@ class TrainConfig:
     init_lr: float = 3e-4
     init_teacher: str = "bidirectional"  # whose ODE the ODE init regresses on: bidirectional, or
     #                              causal (Causal Forcing: an AR teacher, teacher-forced ODE pairs)
+    init_context: str = "clean"  # the past a causal ODE init sees: clean (Causal Forcing), or
+    #                              mixed (each past block at a student level or clean, per block)
     ar_steps: int = 2000         # the AR teacher: the bidirectional one fine-tuned block-causally
     ar_lr: float = 3e-4          # by teacher forcing on the toy's data (Causal Forcing: >= 2K)
     # self-rollout DMD (+ forward KL)
@@ -111,6 +114,7 @@ class TrainConfig:
         for name in ("fkl_mode", "init_teacher"):
             need(getattr(self, name) in ("bidirectional", "causal"), name,
                  "must be 'bidirectional' or 'causal'")
+        need(self.init_context in ("clean", "mixed"), "init_context", "must be 'clean' or 'mixed'")
 
 
 TRAIN_PRESETS = {
@@ -172,7 +176,7 @@ NETWORK_FIELDS = [f.name for f in dataclasses.fields(hiar.Config)
 
 # What the ODE pairs and the ODE init depend on besides the data and network (--init-from).
 ODE_FIELDS = ["batch", "guidance", "ode_pairs", "ode_steps", "ode_shift", "init_steps", "init_lr",
-              "init_teacher", "ar_steps", "ar_lr"]
+              "init_teacher", "init_context", "ar_steps", "ar_lr"]
 
 
 def with_defaults(train: dict) -> dict:
@@ -499,17 +503,26 @@ def ode_levels(pairs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return levels, torch.cat([pairs["sigmas"], torch.zeros(1)])
 
 
-def ode_regression(student, levels, sig, pairs: dict, B: int, cfg: hiar.Config, g, device):
+def ode_regression(student, levels, sig, pairs: dict, B: int, cfg: hiar.Config, g, device,
+                   noisy_past: bool = False):
     """The ODE-init objective on one batch: B trajectories, each block at its own level — one
     of the student's σ_j or clean (σ = 0), drawn per block as Self-Forcing does — and the
     block-causal student predicts the teacher ODE's endpoint x0. Trains the ODE init; in DMD it
     is the regression anchor (`reg_weight`, DMD's regression loss on teacher outputs). Pairs
-    with `data` (ar_ode_pairs): each clip's block n alone, after the data's clean blocks."""
+    with `data` (ar_ode_pairs): each clip's block n alone, after the data's clean blocks (with
+    `noisy_past`, each past block at a level drawn as above: the contexts step-major shows)."""
     idx = torch.randint(len(levels), (B,), generator=g)
     if "data" in pairs:      # teacher-forced pairs (Causal Forcing): block n at σ_j, a clean past
         n, j = torch.randint(cfg.frames // cfg.block, (B,), generator=g), torch.randint(
             len(sig) - 1, (B,), generator=g)
         x, s, on = hiar.teacher_forced(pairs["data"][idx], levels[idx, j], sig[j], n, cfg.block)
+        if noisy_past:                                      # past block i at level σ_lv[i]
+            lv = torch.randint(len(sig), (B, cfg.frames // cfg.block), generator=g)
+            lv = sig[lv.repeat_interleave(cfg.block, 1)]                            # (B, T)
+            past = (torch.arange(cfg.frames) // cfg.block)[None] < n[:, None]
+            s = torch.where(past, lv, s)
+            x = torch.where(past[..., None, None, None], hiar.add_noise(
+                x, torch.randn(x.shape, generator=g), lv[..., None, None, None]), x)
         lab = pairs["label"][idx] if cfg.labels else None
         pred = student.x0(x.to(device), s.to(device), lab, causal=True)
         return (pred.float() - pairs["x0"][idx].to(device)).pow(2).mean((2, 3, 4))[on].mean()
@@ -535,7 +548,8 @@ def train_ode_init(run: Run, teacher: hiar.VideoDiT, pairs: dict) -> float:
     def step_fn(step):
         set_lr(opt, tc.init_lr, step, tc.init_steps)
         with autocast(run):
-            loss = ode_regression(student, levels, sig, pairs, tc.batch, cfg, g, dev)
+            loss = ode_regression(student, levels, sig, pairs, tc.batch, cfg, g, dev,
+                                  tc.init_context == "mixed")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import hiar  # noqa: E402
 import sample  # noqa: E402
+import quality  # noqa: E402
 from quality import labels_for, student_video, teacher_video  # noqa: E402
 
 
@@ -71,10 +72,25 @@ def jump_and_blobs(before, block, shapes: int) -> dict:
     return {"jump": r["step"], "blobs": r["blobs"][-1]}
 
 
+@torch.no_grad()
+def ar_rollout(ar_teacher: hiar.VideoDiT, eps, label, steps: int, shift: float, guidance: float):
+    """An AR teacher's (Causal Forcing's) own video: block n's ODE after its own clean blocks
+    (hiar.teacher_ode teacher-forced on what it made so far; each call re-solves the blocks
+    before n to the same result, so this is slow but exact). eps (B, T, 3, H, W) → x0."""
+    b, ctx = ar_teacher.cfg.block, torch.zeros_like(eps)
+    for n in range(eps.shape[1] // b):
+        x = hiar.teacher_ode(ar_teacher, eps, [], steps, shift, label, guidance, context=ctx)[1]
+        ctx[:, n * b:(n + 1) * b] = x[:, n * b:(n + 1) * b]
+    return ctx
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", nargs="*", default=None, metavar="PATH",
                    help="students to probe (default: ODE init and the shipped students)")
+    p.add_argument("--ar-teacher", default=None, metavar="PATH",
+                   help="also an AR teacher (init_teacher=causal): continuing the clips "
+                        "teacher-forced, and its own block-by-block video")
     p.add_argument("--num", type=int, default=64, help="teacher clips (labels in turn)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -98,16 +114,28 @@ def main(argv=None):
     r = jump_and_blobs(context[:, -b:], last, cfg.shapes)
     print(f"| teacher, its own last block | {r['jump']:.4f} | {r['blobs']:.3f} |")
     free = []
+    if args.ar_teacher:                                     # its ODE after the clips' blocks
+        ar = sample.model_from_checkpoint(sample.load_checkpoint(args.ar_teacher),
+                                          args.ar_teacher, "ema").eval()
+        g = torch.Generator().manual_seed(1)
+        eps = torch.randn(clips.shape, generator=g)
+        shift = float(t_ck["train"]["ode_shift"])
+        cont = hiar.teacher_ode(ar, eps, [], quality.TEACHER_STEPS, shift, label, 3.0,
+                                context=clips)[1]
+        r = jump_and_blobs(context[:, -b:], cont[:, -b:], cfg.shapes)
+        print(f"| AR teacher, teacher-forced | {r['jump']:.4f} | {r['blobs']:.3f} |", flush=True)
+        free.append(("AR teacher (CFG 3), its own past", per_block(
+            ar_rollout(ar, eps, label, quality.TEACHER_STEPS, shift, 3.0), b, cfg.shapes)))
     for name in names:
         shown = "/".join(Path(name).parts[-2:])             # a run's snapshot: run/file
         model, meta = sample.load_student(name, "cpu")
         noise = hiar.Noise(cfg, range(args.num))
         r = jump_and_blobs(context[:, -b:], next_block(model, context, label, noise), cfg.shapes)
         print(f"| {shown} | {r['jump']:.4f} | {r['blobs']:.3f} |", flush=True)
-        order = meta.get("order", "block")                  # the ODE init: block-major
-        free.append((f"{shown}, {order}-major",
-                     per_block(student_video(model, order, cfg, args.num, cfg.frames), b,
-                               cfg.shapes)))
+        for order in [meta["order"]] if "order" in meta else ["block", "step"]:  # ODE init: both
+            free.append((f"{shown}, {order}-major",
+                         per_block(student_video(model, order, cfg, args.num, cfg.frames), b,
+                                   cfg.shapes)))
     print("\nFree rollouts (1×, own order and context)\n\n| row | blobs / frame by block | "
           "ground step | first → last | ratio |\n|---|---|---|---|---|")
     for name, r in [("teacher (CFG 3)", per_block(clips, b, cfg.shapes))] + free:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU runs behind the causal-ODE-init and 48-frame-rollout rows of docs/long_videos.md: one
-# call of a lent GPU (an NVIDIA H200 here), all runs side by side, each its own process.
+# The long-video levers in one GPU call, every run its own process, side by side: 48-frame
+# rollouts (both orders, with and without the sink, seed 0) and Causal Forcing's ODE init with
+# the nine matched students on it (seeds 0-2). On this 2-core CPU that is ~4 h; tried here with
+# PRESET=smoke DEVICE=cpu (the test suite runs it so), not yet on a GPU.
 #   OUT=/tmp/out bash scripts/gpu_runs.sh                  # on the GPU machine
 #   PRESET=smoke DEVICE=cpu OUT=/tmp/out bash scripts/gpu_runs.sh   # the same, tiny, to try it
 # Stops every run at BUDGET seconds and packs what is finished into $OUT (small checkpoints from
