@@ -1413,6 +1413,32 @@ def test_ode_regression_on_teacher_forced_pairs_sees_the_data_past(cfg):
         assert j < K and torch.equal(x[i, f], pairs["states"][c, j, f])
         errs.append((1 - pairs["x0"][c, f]).pow(2).mean())
     assert loss.item() == pytest.approx(torch.stack(errs).mean().item(), rel=1e-6)
+    # init_context=mixed: each past block at one level of the student's (or clean), the data
+    # noised to it; block n as before
+    seen.clear()
+    train_toy.ode_regression(Spy(), levels, sig, pairs, 32, cfg, torch.Generator().manual_seed(1),
+                             "cpu", noisy_past=True)
+    x, sigma, label, _ = seen[0]
+    noisy = 0
+    for i in range(32):
+        c, kinds = int(label[i]), []
+        for m in range(cfg.frames // b):
+            f = slice(m * b, (m + 1) * b)
+            lv = sigma[i, f].unique()
+            assert lv.numel() == 1 and lv.item() in sig.tolist()        # one level a block
+            j = sig.tolist().index(lv.item())
+            if j == K:
+                assert torch.equal(x[i, f], pairs["data"][c, f])        # clean: the data itself
+                kinds.append("past")
+            elif torch.equal(x[i, f], pairs["states"][c, j, f]):
+                kinds.append("n")                                      # block n (and after it)
+            else:
+                assert not torch.allclose(x[i, f], pairs["data"][c, f])  # the data, noised
+                kinds.append("past")
+                noisy += 1
+        n = kinds.index("n")                                # a past, then block n onwards
+        assert set(kinds[:n]) <= {"past"} and set(kinds[n:]) == {"n"}
+    assert noisy > 0
 
 
 def test_causal_init_stages_and_old_runs_still_match(tmp_path):
@@ -1786,6 +1812,29 @@ def test_ar_rollout_is_the_ar_teachers_own_block_by_block_ode(cfg):
                                                              context=eps)[1][:, b:], atol=1e-3)
 
 
+def test_long_levers_measures_what_evidence_measures(cfg, tmp_path):
+    """scripts/long_levers.py: a row's 8× and 40× ground change and blobs are evidence.py's
+    numbers for the same checkpoint, order, sink and noise; bad rows are one-line errors."""
+    sys.path.insert(0, str(HERE / "scripts"))
+    import evidence
+    import long_levers
+    model, path = random_model(cfg, 5), tmp_path / "m.pt"
+    torch.save({"config": cfg.to_dict(), "model": model.state_dict(), "stage": "x"}, path)
+    long_levers.main([f"{path}:step:sink", "--num", "2", "--threads", "1", "--out",
+                      str(tmp_path / "o.json")])
+    got = json.loads((tmp_path / "o.json").read_text())[f"{path}, step-major, sink"]
+    row = evidence.Row("r", [str(path)], "step", "next", sink=True)
+    lengths = [8 * cfg.frames, 40 * cfg.frames]
+    res, _ = evidence.run_row({str(path): model}, [str(path)], row, [0], 2, lengths[-1], lengths,
+                              cfg)
+    for L in lengths:
+        assert got[str(L)]["ground_change"] == evidence.combine(res[L])["ground_change"][0]
+        assert got[str(L)]["blobs"] == evidence.combine(res[L])["blobs"][0]
+    for bad in (f"{path}:sideways", f"{path}:step:sank", "nope.pt:step"):
+        with pytest.raises(sample.CLIError):
+            long_levers.main([bad])
+
+
 def _grounds_video(first, last, frames=12, size=16, blob=True):
     """Clips (B, frames, 3, size, size) whose ground is `first` (B, 3) in the first half and
     `last` in the second (in [0, 1] units), with one small bright blob moving across."""
@@ -1980,10 +2029,11 @@ def test_ci_runs_exactly_the_readme_test_command():
 # Shipped checkpoints: truthful configs
 # ------------------------------------------------------------------------------------------------
 
-SHIPPED = sorted((HERE / "checkpoints").glob("*.pt"))
+SHIPPED = sorted((HERE / "checkpoints").rglob("*.pt"))      # checkpoints/causal/ too
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(HERE / "checkpoints"))
+                                              for p in SHIPPED])
 def test_shipped_checkpoint_config_matches_its_note(path):
     """A checkpoint's stored configs must be the ones that made it: every --set in its note's
     command is in its config, its stage and order agree, and it loads into this code."""
@@ -1997,7 +2047,11 @@ def test_shipped_checkpoint_config_matches_its_note(path):
             if "=" in item:
                 k, v = item.split("=", 1)
                 have = list(merged[k]) if isinstance(merged.get(k), tuple) else merged.get(k)
-                assert k in merged and have == json.loads(v), item           # 0 == 0.0
+                try:
+                    v = json.loads(v)                      # 0 == 0.0; words stay strings
+                except json.JSONDecodeError:
+                    pass
+                assert k in merged and have == v, item
     if ck["stage"] != "teacher":
         assert f"seed {ck['seed']}" in note
     for flag, key in (("--order", "order"), ("--context-t", "context_t")):

@@ -387,25 +387,33 @@ def drop_labels(label, p: float, generator=None):
     return torch.where(drop, torch.full_like(label, -1), label)
 
 
-def train_teacher(run: Run) -> float:
+def train_teacher(run: Run, start: hiar.VideoDiT | None = None) -> float:
     """Flow matching with full attention on labelled clips; a `label_dropout` share of the clips
     is shown 'no label', so one network gives both scores that CFG needs. σ is drawn half
     logit-normal, half shifted-uniform, so the levels near σ = 1 — where the student starts and
-    DMD queries — are trained too (sample_train_sigma)."""
-    cfg, tc, dev = run.cfg, run.tc, run.device
-    model = hiar.VideoDiT(cfg).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.teacher_lr, weight_decay=0.0)
+    DMD queries — are trained too (sample_train_sigma).
+
+    From `start` (the bidirectional teacher): Causal Forcing's AR teacher, stage ar_teacher
+    (init_teacher=causal), fine-tuned block-causally by teacher forcing on the toy's data — each
+    clip's block n (drawn per clip) noised, the blocks before it clean, the loss on block n
+    (hiar.flow_loss with n). Its ODE maps a block's noise to one clean block given the past,
+    which a causal student can learn; the bidirectional ODE, which sees the future, is not."""
+    cfg, tc, dev, ar = run.cfg, run.tc, run.device, start is not None
+    model = copy.deepcopy(start).requires_grad_(True) if ar else hiar.VideoDiT(cfg).to(dev)
+    steps, lr = (tc.ar_steps, tc.ar_lr) if ar else (tc.teacher_steps, tc.teacher_lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     ema = EMA(model, 0.999)
-    g = torch.Generator().manual_seed(run.seed)
+    g = torch.Generator().manual_seed(run.seed + (4 if ar else 0))
 
     def step_fn(step):
-        set_lr(opt, tc.teacher_lr, step, tc.teacher_steps)
+        set_lr(opt, lr, step, steps)
         x0, state = hiar.moving_shapes(cfg, tc.batch, g)
         label = drop_labels(state["label"], tc.label_dropout, g) if cfg.labels else None
         sigma = sample_train_sigma(tc.batch, g, dev, tc.teacher_shift)
+        n = torch.randint(cfg.frames // cfg.block, (tc.batch,), generator=g).to(dev) if ar else None
         eps = torch.randn(x0.shape, generator=g).to(dev)
         with autocast(run):
-            loss = hiar.flow_loss(model, x0.to(dev), sigma, eps, label, causal=False)
+            loss = hiar.flow_loss(model, x0.to(dev), sigma, eps, label, causal=False, n=n)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -413,40 +421,7 @@ def train_teacher(run: Run) -> float:
         ema.update(model, min(0.999, (1 + step) / (10 + step)))
         return {"loss": loss.item()}
 
-    return train_loop(run, "teacher", tc.teacher_steps,
-                      {"model": model, "ema": ema, "opt": opt, "data_rng": GenState(g)}, step_fn,
-                      every=tc.ckpt_every)
-
-
-def train_ar_teacher(run: Run, teacher: hiar.VideoDiT) -> float:
-    """Causal Forcing's AR teacher (init_teacher=causal): the bidirectional teacher fine-tuned
-    block-causally by teacher forcing on the toy's data — each clip's block n (drawn per clip)
-    noised, the blocks before it clean, the flow loss on block n (hiar.flow_loss with n). Its
-    ODE then maps a block's noise to one clean block given the past, which a causal student can
-    learn; the bidirectional teacher's ODE, which also sees the future, is not such a map."""
-    cfg, tc, dev = run.cfg, run.tc, run.device
-    model = copy.deepcopy(teacher).requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.ar_lr, weight_decay=0.0)
-    ema = EMA(model, 0.999)
-    g = torch.Generator().manual_seed(run.seed + 4)
-
-    def step_fn(step):
-        set_lr(opt, tc.ar_lr, step, tc.ar_steps)
-        x0, state = hiar.moving_shapes(cfg, tc.batch, g)
-        label = drop_labels(state["label"], tc.label_dropout, g) if cfg.labels else None
-        sigma = sample_train_sigma(tc.batch, g, dev, tc.teacher_shift)
-        n = torch.randint(cfg.frames // cfg.block, (tc.batch,), generator=g)
-        eps = torch.randn(x0.shape, generator=g).to(dev)
-        with autocast(run):
-            loss = hiar.flow_loss(model, x0.to(dev), sigma, eps, label, n=n.to(dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update(model, min(0.999, (1 + step) / (10 + step)))
-        return {"loss": loss.item()}
-
-    return train_loop(run, "ar_teacher", tc.ar_steps,
+    return train_loop(run, "ar_teacher" if ar else "teacher", steps,
                       {"model": model, "ema": ema, "opt": opt, "data_rng": GenState(g)}, step_fn,
                       every=tc.ckpt_every)
 
@@ -851,7 +826,7 @@ def run_all(args) -> Run:
         start, init_pairs = teacher, pairs
         if tc.init_teacher == "causal":              # Causal Forcing: AR teacher, its own pairs
             if not run.done("ar_teacher"):
-                times["ar_teacher"] = train_ar_teacher(run, teacher)
+                times["ar_teacher"] = train_teacher(run, start=teacher)
             start = model_from_checkpoint(load_checkpoint(run.ckpt("ar_teacher")),
                                           run.ckpt("ar_teacher"), "ema").to(dev)
             if not run.done("ar_ode_pairs"):
