@@ -179,10 +179,12 @@ ODE_FIELDS = ["batch", "guidance", "ode_pairs", "ode_steps", "ode_shift", "init_
               "init_teacher", "init_context", "ar_steps", "ar_lr"]
 
 
-def with_defaults(train: dict) -> dict:
-    """A stamped TrainConfig dict, fields added since it was written at their defaults (each
-    new field's default keeps the old behaviour, so older runs and checkpoints still match)."""
-    return {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **train}
+def train_diff(stamped: dict, tc: TrainConfig, keys=None) -> list[str]:
+    """config_diff of a stamped TrainConfig dict against `tc`; fields added since it was written
+    read as their defaults (each new field's default keeps the old behaviour, so older runs and
+    checkpoints still match)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return config_diff({**defaults, **stamped}, asdict(tc), keys)
 
 
 def check_network(ck: dict, cfg: hiar.Config, path):
@@ -214,7 +216,7 @@ class Run:
         if cfg_file.exists():
             old = json.loads(cfg_file.read_text())
             diff = (config_diff(old.get("config", {}), resolved["config"])
-                    + config_diff(with_defaults(old.get("train", {})), resolved["train"]))
+                    + train_diff(old.get("train", {}), tc))
             if old.get("seed") != seed:
                 diff.append(f"seed: {old.get('seed')} vs {seed}")
             if diff:
@@ -253,8 +255,8 @@ def train_loop(run: Run, stage: str, steps: int, modules: dict, step_fn, every: 
     path, start = run.ckpt(stage), 0
     if path.exists():
         ck = load_checkpoint(path)
-        diff = config_diff(ck["config"], run.stamp(stage, extra)["config"]) + config_diff(
-            with_defaults(ck.get("train", {})), asdict(run.tc))
+        diff = (config_diff(ck["config"], run.stamp(stage, extra)["config"])
+                + train_diff(ck.get("train", {}), run.tc))
         if diff:
             raise CLIError(f"{path} was made with a different config ({'; '.join(diff)})")
         for name, m in modules.items():
@@ -700,7 +702,7 @@ def resolve_students(args, cfg: hiar.Config, tc: TrainConfig) -> list[tuple]:
 def init_diff(ck: dict, run: Run) -> list[str]:
     """How an ODE-pairs / ODE-init checkpoint differs from what this run would make."""
     return (config_diff(ck["config"], run.cfg.to_dict())
-            + config_diff(with_defaults(ck.get("train", {})), asdict(run.tc), ODE_FIELDS))
+            + train_diff(ck.get("train", {}), run.tc, ODE_FIELDS))
 
 
 def share_init(run: Run, src: Path):

@@ -31,8 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import hiar  # noqa: E402
 import sample  # noqa: E402
-import quality  # noqa: E402
-from quality import labels_for, student_video, teacher_video  # noqa: E402
+from quality import TEACHER_STEPS, labels_for, student_video, teacher_video  # noqa: E402
 
 
 @torch.no_grad()
@@ -120,12 +119,12 @@ def main(argv=None):
         g = torch.Generator().manual_seed(1)
         eps = torch.randn(clips.shape, generator=g)
         shift = float(t_ck["train"]["ode_shift"])
-        cont = hiar.teacher_ode(ar, eps, [], quality.TEACHER_STEPS, shift, label, 3.0,
+        cont = hiar.teacher_ode(ar, eps, [], TEACHER_STEPS, shift, label, 3.0,
                                 context=clips)[1]
         r = jump_and_blobs(context[:, -b:], cont[:, -b:], cfg.shapes)
         print(f"| AR teacher, teacher-forced | {r['jump']:.4f} | {r['blobs']:.3f} |", flush=True)
         free.append(("AR teacher (CFG 3), its own past", per_block(
-            ar_rollout(ar, eps, label, quality.TEACHER_STEPS, shift, 3.0), b, cfg.shapes)))
+            ar_rollout(ar, eps, label, TEACHER_STEPS, shift, 3.0), b, cfg.shapes)))
     for name in names:
         shown = "/".join(Path(name).parts[-2:])             # a run's snapshot: run/file
         model, meta = sample.load_student(name, "cpu")

@@ -57,8 +57,9 @@ def main(argv=None):
         res, _ = evidence.run_row({path: model}, [path], row, [0], args.num, lengths[-1],
                                   lengths, cfg)
         key = f"{path}, {order}-major" + (", sink" if sink else "")
-        out[key] = {str(L): {k: evidence.combine(res[L])[k][0]
-                             for k in ("ground_change", "blobs", "frozen")} for L in lengths}
+        combined = {L: evidence.combine(res[L]) for L in lengths}
+        out[key] = {str(L): {k: combined[L][k][0] for k in ("ground_change", "blobs", "frozen")}
+                    for L in lengths}
         cells = [f"{out[key][str(L)]['ground_change']:.3f} / {out[key][str(L)]['blobs']:.2f}"
                  for L in lengths]
         print(f"| {key} | {cells[0]} | {cells[1]} |", flush=True)
