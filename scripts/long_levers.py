@@ -3,8 +3,10 @@ blobs per frame in the last window, at 8× and 40× the training length, samplin
 
     python scripts/long_levers.py runs/causal_s0/hiar.pt:step runs/causal_s0/hiar.pt:step:sink
     python scripts/long_levers.py hiar_s0:step self_forcing_s0:block:sink --out levers.json
+    python scripts/long_levers.py hiar_s0:step:sink:current     # + context at t_j (Table 2)
 
-Each argument is PATH:ORDER[:sink] (ORDER block or step; `sink`: block 0 stays in the window).
+Each argument is PATH:ORDER[:sink][:LEVEL] (ORDER block or step; `sink`: block 0 stays in the
+window; LEVEL, step-major only: the context level next = t_{j+1} (default), current = t_j, clean).
 The videos are evidence.py's (8 per row, labels in turn, the same noise), so a row here is
 comparable to that row's sampling seed 0 in docs/evidence.json.
 """
@@ -22,21 +24,32 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import evidence  # noqa: E402
+import hiar  # noqa: E402
 import sample  # noqa: E402
 
 
-def parse(spec: str) -> tuple[str, str, bool]:
+def default_level(order: str) -> str:
+    """The context level each order samples with: HiAR's t_{j+1}; block-major always clean."""
+    return "next" if order == "step" else "clean"
+
+
+def parse(spec: str) -> tuple[str, str, bool, str]:
+    """PATH:ORDER[:sink][:LEVEL] → (path, order, sink, context level)."""
     path, _, rest = spec.partition(":")
-    order, _, sink = rest.partition(":")
-    if not path or order not in ("block", "step") or sink not in ("", "sink"):
-        raise sample.CLIError(f"{spec}: expected PATH:ORDER[:sink], ORDER block or step")
+    order, *opts = rest.split(":")
+    sink = opts[:1] == ["sink"]
+    level = opts[sink:] or [default_level(order)]
+    if (not path or order not in ("block", "step") or len(level) > 1
+            or level[0] not in (hiar.CONTEXT_LEVELS if order == "step" else ["clean"])):
+        raise sample.CLIError(f"{spec}: expected PATH:ORDER[:sink][:LEVEL], ORDER block or step, "
+                              f"LEVEL (step-major only) one of {list(hiar.CONTEXT_LEVELS)}")
     sample.resolve_ckpt(path)                          # exists, or a shipped student's name
-    return path, order, sink == "sink"
+    return path, order, sink, level[0]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("rows", nargs="+", metavar="PATH:ORDER[:sink]")
+    p.add_argument("rows", nargs="+", metavar="PATH:ORDER[:sink][:LEVEL]")
     p.add_argument("--num", type=int, default=8, help="videos per row")
     p.add_argument("--out", default=None, help="also write the numbers here (json)")
     p.add_argument("--threads", type=int, default=2)
@@ -49,14 +62,15 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     out = {}
     print("| row | 8×: ground change / blobs | 40×: ground change / blobs |\n|---|---|---|")
-    for path, order, sink in rows:
+    for path, order, sink, level in rows:
         model = sample.load_student(path, "cpu")[0]
         cfg = model.cfg
-        row = evidence.Row(path, [path], order, "next" if order == "step" else "clean", sink=sink)
+        row = evidence.Row(path, [path], order, level, sink=sink)
         lengths = [8 * cfg.frames, 40 * cfg.frames]
         res, _ = evidence.run_row({path: model}, [path], row, [0], args.num, lengths[-1],
                                   lengths, cfg)
-        key = f"{path}, {order}-major" + (", sink" if sink else "")
+        key = (f"{path}, {order}-major" + (", sink" if sink else "")
+               + (f", context {level}" if level != default_level(order) else ""))
         combined = {L: evidence.combine(res[L]) for L in lengths}
         out[key] = {str(L): {k: combined[L][k][0] for k in ("ground_change", "blobs", "frozen")}
                     for L in lengths}
