@@ -1839,6 +1839,10 @@ def test_long_levers_measures_what_evidence_measures(cfg, tmp_path):
                 f"{path}:step:sink:sink", f"{path}:step:current:sink"):
         with pytest.raises(sample.CLIError):
             long_levers.main([bad])
+    shortest = -(-evidence.CURVE_POINTS * cfg.block // cfg.frames)   # the curve's 20 blocks
+    for lengths in (["1", "8"], [str(shortest - 1)]):
+        with pytest.raises(sample.CLIError, match="--lengths"):
+            long_levers.main([f"{path}:step", "--lengths", *lengths])
 
 
 def _grounds_video(first, last, frames=12, size=16, blob=True):

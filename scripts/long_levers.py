@@ -1,5 +1,6 @@
 """Long-video measures for any checkpoints: evidence.py's ground change (first block → last) and
-blobs per frame in the last window, at 8× and 40× the training length, sampling seed 0.
+blobs per frame in the last window, at 8× and 40× the training length (`--lengths`), sampling
+seed 0.
 
     python scripts/long_levers.py runs/causal_s0/hiar.pt:step runs/causal_s0/hiar.pt:step:sink
     python scripts/long_levers.py hiar_s0:step self_forcing_s0:block:sink --out levers.json
@@ -53,20 +54,31 @@ def main(argv=None):
     p.add_argument("--num", type=int, default=8, help="videos per row")
     p.add_argument("--out", default=None, help="also write the numbers here (json)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lengths", type=int, nargs="+", default=[8, 40],
+                   help="lengths to measure, × the training length")
     args = p.parse_args(argv)
     if args.num < 1 or args.threads < 1:
         raise sample.CLIError("--num and --threads must be >= 1")
+    if min(args.lengths) < 2:                   # evidence.py's drift meters need 5 blocks
+        raise sample.CLIError(f"--lengths {min(args.lengths)}: must be >= 2 (× the training "
+                              "length)")
+    mults = sorted(set(args.lengths))
     rows = [parse(s) for s in args.rows]
     if args.out:
         sample._writable(args.out, "--out")
     torch.set_num_threads(args.threads)
     out = {}
-    print("| row | 8×: ground change / blobs | 40×: ground change / blobs |\n|---|---|---|")
     for path, order, sink, level in rows:
         model = sample.load_student(path, "cpu")[0]
         cfg = model.cfg
         row = evidence.Row(path, [path], order, level, sink=sink)
-        lengths = [8 * cfg.frames, 40 * cfg.frames]
+        lengths = [m * cfg.frames for m in mults]
+        if lengths[-1] < evidence.CURVE_POINTS * cfg.block:     # run_row's curve over the longest
+            raise sample.CLIError(f"--lengths: the longest must be >= "
+                                  f"{-(-evidence.CURVE_POINTS * cfg.block // cfg.frames)}")
+        if not out:
+            print("| row | " + " | ".join(f"{m}×: ground change / blobs" for m in mults)
+                  + " |\n|---|" + "---|" * len(mults))
         res, _ = evidence.run_row({path: model}, [path], row, [0], args.num, lengths[-1],
                                   lengths, cfg)
         key = (f"{path}, {order}-major" + (", sink" if sink else "")
@@ -76,7 +88,7 @@ def main(argv=None):
                     for L in lengths}
         cells = [f"{out[key][str(L)]['ground_change']:.3f} / {out[key][str(L)]['blobs']:.2f}"
                  for L in lengths]
-        print(f"| {key} | {cells[0]} | {cells[1]} |", flush=True)
+        print(f"| {key} | " + " | ".join(cells) + " |", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
 
