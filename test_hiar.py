@@ -1909,6 +1909,21 @@ def test_quality_measure_known_answers():
     assert groups["hiar, step-major"]["miss"] == ["blobs"]
 
 
+def test_quality_samples_a_student_at_its_context_level(cfg, model):
+    """scripts/quality.py: the step-major videos are hiar.step_major's at the level asked for
+    (the measure passes a student's trained context_t, as sample.py does), not always t_{j+1}."""
+    sys.path.insert(0, str(HERE / "scripts"))
+    import quality
+    frames, label = 2 * cfg.frames, torch.arange(2) % cfg.labels
+    videos = {}
+    for level in ("next", "current"):
+        videos[level] = quality.student_video(model, "step", cfg, 2, frames, 1, level)
+        noise = hiar.Noise(cfg, [1_000_003 + i for i in range(2)])
+        want = torch.cat(list(hiar.step_major(model, noise, frames, label, level)), 1)
+        assert torch.equal(videos[level], want)
+    assert not torch.allclose(videos["next"], videos["current"], atol=1e-3)
+
+
 def test_quality_cli_errors_are_one_line_and_come_before_any_work(tmp_path):
     cases = (["--ckpt", str(tmp_path / "none.pt") + ":block"], ["--ckpt", "ode_init"],
              ["--ckpt", "ode_init:sideways"], ["--ckpt"], ["--num", "0"], ["--long", "0"],

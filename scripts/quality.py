@@ -99,11 +99,13 @@ def labels_for(cfg, num):
 
 
 @torch.no_grad()
-def student_video(model, order: str, cfg, num: int, frames: int, seed: int = 0):
+def student_video(model, order: str, cfg, num: int, frames: int, seed: int = 0,
+                  context_t: str = "next"):
+    """`num` videos of `frames` frames in `order`; step-major at context level `context_t`."""
     label = labels_for(cfg, num)
     noise = hiar.Noise(cfg, [seed * 1_000_003 + i for i in range(num)])
     lab = label if cfg.labels else None
-    return torch.cat(list(sample.block_stream(model, order, noise, frames, lab, "next")), 1)
+    return torch.cat(list(sample.block_stream(model, order, noise, frames, lab, context_t)), 1)
 
 
 @torch.no_grad()
@@ -259,11 +261,14 @@ def main(argv=None):
     for name, order in rows:
         model, meta = sample.load_student(name, "cpu")
         ck = sample.load_checkpoint(sample.resolve_ckpt(name))
-        one, lng = over_seeds(lambda s: student_video(model, order, cfg, args.num, long, s))
+        level = meta.get("context_t") or cfg.context_t      # as trained (sample.py's default)
+        one, lng = over_seeds(lambda s: student_video(model, order, cfg, args.num, long, s,
+                                                      level))
         r = {"1x": one, "long": lng, "order": order, "guidance": real_guidance(ck)}
         if name != "ode_init":
             r["miss"] = verdict(r["1x"], r["long"], teachers[r["guidance"]])
-        out["rows"][f"{name}, {order}-major"] = r
+        level = "" if order == "block" or level == "next" else f", context {level}"
+        out["rows"][f"{name}, {order}-major{level}"] = r
         print(f"{name} {order}: 1x {r['1x']} | {args.long}x {r['long']} | miss {r.get('miss')}",
               flush=True)
     out["by_training_seed"] = by_training_seed(out["rows"])
