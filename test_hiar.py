@@ -1814,15 +1814,18 @@ def test_ar_rollout_is_the_ar_teachers_own_block_by_block_ode(cfg):
 
 def test_long_levers_measures_what_evidence_measures(cfg, tmp_path):
     """scripts/long_levers.py: a row's 8× and 40× ground change and blobs are evidence.py's
-    numbers for the same checkpoint, order, sink, context level and noise; bad rows are one-line
-    errors."""
+    numbers for the same checkpoint, order, sink, context level and noise; without a level a
+    student is sampled at the one it was trained with; bad rows are one-line errors."""
     sys.path.insert(0, str(HERE / "scripts"))
     import evidence
     import long_levers
     model, path = random_model(cfg, 5), tmp_path / "m.pt"
     torch.save({"config": cfg.to_dict(), "model": model.state_dict(), "stage": "x"}, path)
-    long_levers.main([f"{path}:step:sink", f"{path}:step:current", "--num", "2", "--threads",
-                      "1", "--out", str(tmp_path / "o.json")])
+    tj = tmp_path / "tj.pt"                                  # the same weights, trained at t_j
+    torch.save({"config": cfg.to_dict(), "model": model.state_dict(), "stage": "x",
+                "order": "step", "context_t": "current"}, tj)
+    long_levers.main([f"{path}:step:sink", f"{path}:step:current", f"{tj}:step", "--num", "2",
+                      "--threads", "1", "--out", str(tmp_path / "o.json")])
     out = json.loads((tmp_path / "o.json").read_text())
     lengths = [8 * cfg.frames, 40 * cfg.frames]
     for key, level, sink in [(f"{path}, step-major, sink", "next", True),
@@ -1833,7 +1836,9 @@ def test_long_levers_measures_what_evidence_measures(cfg, tmp_path):
         for L in lengths:
             assert out[key][str(L)]["ground_change"] == evidence.combine(res[L])["ground_change"][0]
             assert out[key][str(L)]["blobs"] == evidence.combine(res[L])["blobs"][0]
-    assert long_levers.parse(f"{path}:block") == (str(path), "block", False, "clean")
+    as_trained = out[f"{tj}, step-major, context current"]     # no LEVEL given: t_j
+    assert as_trained == out[f"{path}, step-major, context current"]
+    assert long_levers.parse(f"{path}:block") == (str(path), "block", False, None)
     assert long_levers.parse(f"{path}:step:sink:clean") == (str(path), "step", True, "clean")
     for bad in (f"{path}:sideways", f"{path}:step:sank", "nope.pt:step", f"{path}:block:current",
                 f"{path}:step:sink:sink", f"{path}:step:current:sink"):

@@ -7,7 +7,8 @@ seed 0.
     python scripts/long_levers.py hiar_s0:step:sink:current     # + context at t_j (Table 2)
 
 Each argument is PATH:ORDER[:sink][:LEVEL] (ORDER block or step; `sink`: block 0 stays in the
-window; LEVEL, step-major only: the context level next = t_{j+1} (default), current = t_j, clean).
+window; LEVEL, step-major only: the context level next = t_{j+1}, current = t_j or clean; by
+default the level the student was trained with, as sample.py and quality.py sample it).
 The videos are evidence.py's (8 per row, labels in turn, the same noise), so a row here is
 comparable to that row's sampling seed 0 in docs/evidence.json.
 """
@@ -29,19 +30,14 @@ import hiar  # noqa: E402
 import sample  # noqa: E402
 
 
-def default_level(order: str) -> str:
-    """The context level each order samples with: HiAR's t_{j+1}; block-major always clean."""
-    return "next" if order == "step" else "clean"
-
-
-def parse(spec: str) -> tuple[str, str, bool, str]:
-    """PATH:ORDER[:sink][:LEVEL] → (path, order, sink, context level)."""
+def parse(spec: str) -> tuple[str, str, bool, str | None]:
+    """PATH:ORDER[:sink][:LEVEL] → (path, order, sink, context level; None: as trained)."""
     path, _, rest = spec.partition(":")
     order, *opts = rest.split(":")
     sink = opts[:1] == ["sink"]
-    level = opts[sink:] or [default_level(order)]
+    level = opts[sink:] or [None]
     if (not path or order not in ("block", "step") or len(level) > 1
-            or level[0] not in (hiar.CONTEXT_LEVELS if order == "step" else ["clean"])):
+            or level[0] not in (None, *(hiar.CONTEXT_LEVELS if order == "step" else ["clean"]))):
         raise sample.CLIError(f"{spec}: expected PATH:ORDER[:sink][:LEVEL], ORDER block or step, "
                               f"LEVEL (step-major only) one of {list(hiar.CONTEXT_LEVELS)}")
     sample.resolve_ckpt(path)                          # exists, or a shipped student's name
@@ -69,8 +65,11 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     out = {}
     for path, order, sink, level in rows:
-        model = sample.load_student(path, "cpu")[0]
+        model, meta = sample.load_student(path, "cpu")
         cfg = model.cfg
+        if order == "block":
+            level = "clean"                                  # block-major's context is clean
+        level = level or meta.get("context_t") or cfg.context_t       # as trained
         row = evidence.Row(path, [path], order, level, sink=sink)
         lengths = [m * cfg.frames for m in mults]
         if lengths[-1] < evidence.CURVE_POINTS * cfg.block:     # run_row's curve over the longest
@@ -82,7 +81,7 @@ def main(argv=None):
         res, _ = evidence.run_row({path: model}, [path], row, [0], args.num, lengths[-1],
                                   lengths, cfg)
         key = (f"{path}, {order}-major" + (", sink" if sink else "")
-               + (f", context {level}" if level != default_level(order) else ""))
+               + (f", context {level}" if order == "step" and level != "next" else ""))
         combined = {L: evidence.combine(res[L]) for L in lengths}
         out[key] = {str(L): {k: combined[L][k][0] for k in ("ground_change", "blobs", "frozen")}
                     for L in lengths}

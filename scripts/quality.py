@@ -267,8 +267,8 @@ def main(argv=None):
         r = {"1x": one, "long": lng, "order": order, "guidance": real_guidance(ck)}
         if name != "ode_init":
             r["miss"] = verdict(r["1x"], r["long"], teachers[r["guidance"]])
-        level = "" if order == "block" or level == "next" else f", context {level}"
-        out["rows"][f"{name}, {order}-major{level}"] = r
+        suffix = "" if order == "block" or level == "next" else f", context {level}"
+        out["rows"][f"{name}, {order}-major{suffix}"] = r
         print(f"{name} {order}: 1x {r['1x']} | {args.long}x {r['long']} | miss {r.get('miss')}",
               flush=True)
     out["by_training_seed"] = by_training_seed(out["rows"])
