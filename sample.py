@@ -154,6 +154,12 @@ def resolve_ckpt(name: str) -> Path:
     return shipped
 
 
+def trained_level(meta: dict, cfg: hiar.Config) -> str:
+    """The context level a step-major student samples with unless told otherwise: the one it was
+    trained with (load_student's meta), else the config's."""
+    return meta.get("context_t") or cfg.context_t
+
+
 def load_student(name: str, device) -> tuple[hiar.VideoDiT, dict]:
     """The sampling weights (EMA where present) and how the checkpoint was made: its stage, and
     for a DMD student its sampler order and context level."""
@@ -577,7 +583,7 @@ def check_args(args, cfg: hiar.Config, meta: dict) -> dict:
     for s in samplers:
         if s not in SAMPLER_NAMES:
             raise CLIError(f"--sampler {s!r}: choose one of {', '.join(SAMPLER_NAMES)}")
-    context_t = args.context_t or meta.get("context_t") or cfg.context_t
+    context_t = args.context_t or trained_level(meta, cfg)
     if context_t not in hiar.CONTEXT_LEVELS:
         raise CLIError(f"--context-t {context_t!r}: choose one of {', '.join(hiar.CONTEXT_LEVELS)}")
     frames = 8 * cfg.frames if args.frames is None else args.frames

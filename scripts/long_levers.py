@@ -69,7 +69,7 @@ def main(argv=None):
         cfg = model.cfg
         if order == "block":
             level = "clean"                                  # block-major's context is clean
-        level = level or meta.get("context_t") or cfg.context_t       # as trained
+        level = level or sample.trained_level(meta, cfg)
         row = evidence.Row(path, [path], order, level, sink=sink)
         lengths = [m * cfg.frames for m in mults]
         if lengths[-1] < evidence.CURVE_POINTS * cfg.block:     # run_row's curve over the longest

@@ -261,7 +261,7 @@ def main(argv=None):
     for name, order in rows:
         model, meta = sample.load_student(name, "cpu")
         ck = sample.load_checkpoint(sample.resolve_ckpt(name))
-        level = meta.get("context_t") or cfg.context_t      # as trained (sample.py's default)
+        level = sample.trained_level(meta, cfg)
         one, lng = over_seeds(lambda s: student_video(model, order, cfg, args.num, long, s,
                                                       level))
         r = {"1x": one, "long": lng, "order": order, "guidance": real_guidance(ck)}
