@@ -56,7 +56,7 @@ class Config:
     heads: int = 4
     # sampler
     K: int = 4                # student denoising steps (paper: 4)
-    shift: float = 1.0        # σ-shift of the student's steps (paper 5; toy: docs/toy_report.md)
+    shift: float = 1.0        # σ-shift of the student's steps (paper 5; toy: docs/lab/toy_report.md)
     window: int = 0           # rolling attention window, frames incl. the current block (0: frames)
     context_t: str = "next"   # context level of the step-major sampler: current | next | clean
 

@@ -1513,7 +1513,7 @@ def test_regression_anchor_adds_its_weight_times_the_ode_loss(cfg, smoke_run, mo
 def test_default_dmd_recipe_is_the_official_one_scaled_to_the_toy():
     """The official recipe: critic : generator updates 5 : 1, critic lr 0.15 × the generator's
     (3e-7 : 2e-6), AdamW weight decay 0.01, gradient clip 10, CFG 3 on the real score, DMD levels
-    shifted by 5. The toy's own choices (docs/distillation.md): 100 generator steps, EMA 0.95
+    shifted by 5. The toy's own choices (docs/lab/distillation.md): 100 generator steps, EMA 0.95
     from the first step, at both orders alike (no student overrides them)."""
     tc = train_toy.TrainConfig()
     assert (tc.critic_ratio, tc.weight_decay, tc.grad_clip, tc.guidance) == (5, 0.01, 10.0, 3.0)
@@ -1761,10 +1761,10 @@ def test_evidence_ground_change_sees_a_tint_change_at_a_constant_level(monkeypat
 
 
 def test_context_probe_continues_like_block_major_and_measures_the_jump(model, cfg):
-    """scripts/context_probe.py: the next block after a clean context is block-major's own
+    """scripts/lab/context_probe.py: the next block after a clean context is block-major's own
     last block (same noise, same cells), and the jump is the background's move from the last
     context block: 0 for a copy, 0.1 for a ground 0.1 redder (in [0, 1] units)."""
-    sys.path.insert(0, str(HERE / "scripts"))
+    sys.path[:0] = [str(HERE / "scripts"), str(HERE / "scripts" / "lab")]
     import context_probe
     noise, label = hiar.Noise(cfg, [3, 4]), torch.tensor([0, 1])
     with torch.no_grad():
@@ -1794,7 +1794,7 @@ def test_context_probe_continues_like_block_major_and_measures_the_jump(model, c
 def test_ar_rollout_is_the_ar_teachers_own_block_by_block_ode(cfg):
     """context_probe.ar_rollout: block n is the teacher-forced oracle's Euler ODE of block n after
     the blocks the AR teacher made itself (not after the noise, not after data)."""
-    sys.path.insert(0, str(HERE / "scripts"))
+    sys.path[:0] = [str(HERE / "scripts"), str(HERE / "scripts" / "lab")]
     import context_probe
     ar, b, steps, shift = random_model(cfg, 3), cfg.block, 4, 8.0
     eps, lab = torch.randn(2, cfg.frames, 3, cfg.size, cfg.size), torch.tensor([1, 0])
@@ -1813,10 +1813,10 @@ def test_ar_rollout_is_the_ar_teachers_own_block_by_block_ode(cfg):
 
 
 def test_long_levers_measures_what_evidence_measures(cfg, tmp_path):
-    """scripts/long_levers.py: a row's 8× and 40× ground change and blobs are evidence.py's
+    """scripts/lab/long_levers.py: a row's 8× and 40× ground change and blobs are evidence.py's
     numbers for the same checkpoint, order, sink, context level and noise; without a level a
     student is sampled at the one it was trained with; bad rows are one-line errors."""
-    sys.path.insert(0, str(HERE / "scripts"))
+    sys.path[:0] = [str(HERE / "scripts"), str(HERE / "scripts" / "lab")]
     import evidence
     import long_levers
     model, path = random_model(cfg, 5), tmp_path / "m.pt"
@@ -2004,7 +2004,7 @@ def test_training_prints_progress_lines_without_a_terminal(tmp_path, capsys, mon
 def test_reports_carry_no_machine_paths():
     """docs/ is read on other machines: no absolute path of this one in it; toy_report prints
     the teacher's path relative to the repository."""
-    sys.path.insert(0, str(HERE / "scripts"))
+    sys.path[:0] = [str(HERE / "scripts"), str(HERE / "scripts" / "lab")]
     import toy_report
     assert toy_report.shown(HERE / "checkpoints" / "teacher.pt") == "checkpoints/teacher.pt"
     for p in [*(HERE / "docs").rglob("*.md"), *(HERE / "docs").rglob("*.json")]:
@@ -2111,9 +2111,9 @@ def test_notebook_runs_top_to_bottom(name):
 
 
 def test_cfg_direction_averages_over_background_pixels_per_label():
-    """scripts/cfg_direction.py: a difference that is +1 red on background pixels and +5 on
+    """scripts/lab/cfg_direction.py: a difference that is +1 red on background pixels and +5 on
     bright (blob) pixels reads +1 red for each label: blob pixels are left out."""
-    sys.path.insert(0, str(HERE / "scripts"))
+    sys.path[:0] = [str(HERE / "scripts"), str(HERE / "scripts" / "lab")]
     import cfg_direction
     x0 = -torch.ones(4, 2, 3, 4, 4)                                  # dark ground everywhere
     x0[:, :, :, 0, 0] = 1.0                                          # one bright blob pixel

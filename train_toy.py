@@ -62,7 +62,7 @@ class TrainConfig:
     ar_steps: int = 2000         # the AR teacher: the bidirectional one fine-tuned block-causally
     ar_lr: float = 3e-4          # by teacher forcing on the toy's data (Causal Forcing: >= 2K)
     # self-rollout DMD (+ forward KL)
-    dmd_steps: int = 100         # with the EMA below, the students peak here (docs/distillation.md)
+    dmd_steps: int = 100         # with the EMA below, the students peak here (docs/lab/distillation.md)
     dmd_batch: int = 8
     dmd_shift: float = 5.0       # σ-shift of the DMD queries and the critic's levels (official 5)
     rollout_frames: int = 0      # self-rollout length (0: frames); gradient on the last `frames`

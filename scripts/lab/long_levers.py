@@ -2,9 +2,9 @@
 blobs per frame in the last window, at 8× and 40× the training length (`--lengths`), sampling
 seed 0.
 
-    python scripts/long_levers.py runs/causal_s0/hiar.pt:step runs/causal_s0/hiar.pt:step:sink
-    python scripts/long_levers.py hiar_s0:step self_forcing_s0:block:sink --out levers.json
-    python scripts/long_levers.py hiar_s0:step:sink:current     # + context at t_j (Table 2)
+    python scripts/lab/long_levers.py runs/causal_s0/hiar.pt:step runs/causal_s0/hiar.pt:step:sink
+    python scripts/lab/long_levers.py hiar_s0:step self_forcing_s0:block:sink --out levers.json
+    python scripts/lab/long_levers.py hiar_s0:step:sink:current     # + context at t_j (Table 2)
 
 Each argument is PATH:ORDER[:sink][:LEVEL] (ORDER block or step; `sink`: block 0 stays in the
 window; LEVEL, step-major only: the context level next = t_{j+1}, current = t_j or clean; by
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 

@@ -1,7 +1,7 @@
 """Does a student keep its context? It continues the teacher's clips by one block.
 
-    python scripts/context_probe.py                        # ODE init and the shipped students
-    python scripts/context_probe.py --ckpt runs/x/hiar_ema100.pt --num 64
+    python scripts/lab/context_probe.py                        # ODE init and the shipped students
+    python scripts/lab/context_probe.py --ckpt runs/x/hiar_ema100.pt --num 64
 
 For `num` teacher clips (CFG 3, 24 Euler steps, labels in turn, seed 0) the first N − 1 blocks
 are written clean into the student's cache, as block-major sampling does, and the student
@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 import hiar  # noqa: E402
 import sample  # noqa: E402

@@ -1,6 +1,6 @@
 """Measure the teacher against the data, and size the σ schedules to the toy.
 
-    python scripts/toy_report.py --teacher checkpoints/teacher.pt     # ~5 min on the 2-core CPU
+    python scripts/lab/toy_report.py --teacher checkpoints/teacher.pt     # ~5 min on the 2-core CPU
 
 1. Teacher vs data: appearance persistence within a clip (share of clips whose blobs keep their
    hue, brightness and background over the 12 frames) and each attribute's distribution
@@ -10,7 +10,7 @@
    brightness) with the truth, relative to what it gets from pure noise (σ = 1). This sizes the
    student's σ-shift: the step-major context of step j sits at σ_{j+1}.
 3. The teacher's ODE grid shift (ODE pairs): sample quality per shift at 48 Euler steps.
-Writes docs/toy_report.md.
+Writes docs/lab/toy_report.md.
 """
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 import hiar  # noqa: E402
 import sample  # noqa: E402
@@ -125,7 +126,7 @@ def main(argv=None):
     p.add_argument("--teacher", default=str(ROOT / "checkpoints" / "teacher.pt"))
     p.add_argument("--num", type=int, default=256, help="clips per measurement")
     p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--out", default=str(ROOT / "docs" / "toy_report.md"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "lab" / "toy_report.md"))
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     ck = sample.load_checkpoint(args.teacher)

@@ -1,8 +1,8 @@
-"""The lever table of the DMD recipe search (docs/distillation.md): one row per lever and EMA
+"""The lever table of the DMD recipe search (docs/lab/distillation.md): one row per lever and EMA
 snapshot, on scripts/quality.py's measure, from the quality.json it wrote for each lever run.
 
     python scripts/quality.py --ckpt runs/g1/self_forcing_ema*.pt:block --out runs/g1/quality.md
-    python scripts/levers.py docs/levers/*.json > docs/levers/table.md
+    python scripts/lab/levers.py docs/lab/levers/*.json > docs/lab/levers/table.md
 
 Each json is named for its lever (g1.json: guidance 1, …); the rows keep quality.py's columns
 and the verdict it had when the run was measured (the targets missed then: 1× ground change

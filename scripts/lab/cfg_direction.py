@@ -1,12 +1,12 @@
 """Which way does the real score's CFG push a clip's background, at each noise level?
 
-    python scripts/cfg_direction.py                 # ODE-init samples, CFG 3, 32 clips
+    python scripts/lab/cfg_direction.py                 # ODE-init samples, CFG 3, 32 clips
 
 At the first DMD step the critic is the teacher, so the step a student's x0 takes is
 x0_real − x0_fake = x0_teacher(CFG w) − x0_teacher(CFG 1) = (w − 1)·(x0_label − x0_∅). This
 prints that difference per label, averaged over the background pixels of ODE-init samples (a
 pixel whose brightest channel is below 0.35), for a few σ: RGB in the data's [-1, 1] units.
-docs/distillation.md reads it against where the students' grounds go.
+docs/lab/distillation.md reads it against where the students' grounds go.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
