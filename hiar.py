@@ -56,7 +56,7 @@ class Config:
     heads: int = 4
     # sampler
     K: int = 4                # student denoising steps (paper: 4)
-    shift: float = 1.0        # σ-shift of the student's steps (paper 5; toy: docs/lab/toy_report.md)
+    shift: float = 1.0        # σ-shift of the student steps (paper 5; toy: docs/toy.md)
     window: int = 0           # rolling attention window, frames incl. the current block (0: frames)
     context_t: str = "next"   # context level of the step-major sampler: current | next | clean
 
@@ -89,7 +89,7 @@ PRESETS = {
     # tiny, for tests: a forward pass in milliseconds
     "smoke": dict(size=8, frames=6, block=2, patch=4, dim=32, depth=2, heads=2, K=2, labels=2,
                   blob_sigma=(1.0, 1.5)),
-    # the default of train_toy.py: 16×16 RGB, 12 frames = 4 blocks of 3, ~1.2M parameters
+    # the default of train_toy.py: 16×16 RGB, 12 frames = 4 blocks of 3, ~1.3M parameters
     "toy": dict(),
 }
 

@@ -40,52 +40,59 @@ ZERO_OK = ("rollout_frames", "snapshot_every", "ema_start")   # integer fields w
 
 @dataclass
 class TrainConfig:
-    # teacher: bidirectional flow matching, conditional with label dropout (for CFG)
+    """The training budget and recipe. First the paper's recipe (official values in the comments,
+    scaled to the toy where it says so), then the options this toy measured (each off by default;
+    what it did: docs/results.md and docs/lab/). The students differ only in VARIANTS below."""
+    # ---- the paper's recipe ----------------------------------------------------------------
+    # 1. teacher: bidirectional flow matching, conditional with label dropout (for CFG)
     batch: int = 32
     teacher_steps: int = 6000
     teacher_lr: float = 1e-3
     teacher_shift: float = 3.0   # the shifted half of the teacher's σ draws (sample_train_sigma)
     label_dropout: float = 0.1   # CFG training: a tenth of the clips see 'no label'
     amp: bool = True             # bfloat16 autocast for the teacher (1.6× on this CPU)
-    # classifier-free guidance of the teacher's ODE trajectories (ODE pairs, forward-KL targets)
-    guidance: float = 3.0
-    # ODE pairs and ODE init (CausVid / Self-Forcing initialisation)
+    # 2.-3. ODE pairs (teacher trajectories with CFG; also the forward-KL targets) and ODE init
+    guidance: float = 3.0        # CFG of the teacher's ODE trajectories
     ode_pairs: int = 512
     ode_steps: int = 48          # teacher Euler steps for ODE pairs (official: 48, shift 8)
     ode_shift: float = 8.0
     init_steps: int = 1500
     init_lr: float = 3e-4
-    init_teacher: str = "bidirectional"  # whose ODE the ODE init regresses on: bidirectional, or
-    #                              causal (Causal Forcing: an AR teacher, teacher-forced ODE pairs)
-    init_context: str = "clean"  # the past a causal ODE init sees: clean (Causal Forcing), or
-    #                              mixed (each past block at a student level or clean, per block)
-    ar_steps: int = 2000         # the AR teacher: the bidirectional one fine-tuned block-causally
-    ar_lr: float = 3e-4          # by teacher forcing on the toy's data (Causal Forcing: >= 2K)
-    # self-rollout DMD (+ forward KL)
-    dmd_steps: int = 100         # with the EMA below, the students peak here (docs/lab/distillation.md)
+    # 4. self-rollout DMD with a critic, + forward KL (Eq. 11)
+    dmd_steps: int = 100         # with the EMA below the students peak here (lab/distillation.md)
     dmd_batch: int = 8
     dmd_shift: float = 5.0       # σ-shift of the DMD queries and the critic's levels (official 5)
-    rollout_frames: int = 0      # self-rollout length (0: frames); gradient on the last `frames`
-    sink: bool = False           # rollouts keep block 0 in the window (attention sink; it acts
-    #                              only in rollouts longer than the window)
-    cache_grad: bool = False     # the exit step's context writes keep their gradient (official
-    #                              causal model's cache does; off: detached)
+    dmd_guidance: float = 3.0    # the real score's CFG w in DMD (official 3.0 = s; w = s + 1)
     gen_lr: float = 2e-5         # official 2e-6 for a 1.3B model; the toy's 10× larger
     critic_lr: float = 3e-6      # the official critic : generator lr ratio, 3e-7 : 2e-6 = 0.15
     critic_ratio: int = 5        # critic updates per generator update (official: 5)
     weight_decay: float = 0.01   # AdamW (official: 0.01)
     grad_clip: float = 10.0      # gradient-norm clip (official: 10)
     fkl_weight: float = 0.1      # λ of Eq. 11 (paper: 0.1); 0 turns the forward-KL term off
-    fkl_mode: str = "bidirectional"  # student attention in the FKL term: bidirectional | causal
-    reg_weight: float = 0.0      # regression anchor: + weight · the ODE-init loss on the teacher's
-    #                              ODE pairs, every level (DMD's regression loss; 0: off)
-    dmd_guidance: float = 3.0    # the real score's CFG w in DMD (official 3.0 = s; w = s + 1)
-    guidance_min_sigma: float = 0.0  # real-score CFG only at σ in [min, max] (Kynkäänniemi
-    guidance_max_sigma: float = 1.0  # et al. 2024's interval; 0, 1: at every level)
-    snapshot_every: int = 0      # keep the EMA weights every N generator steps (0: off)
+    fkl_mode: str = "bidirectional"  # student attention in the FKL term: bidirectional (paper)
+    #                              | causal (official code)
     ema: float = 0.95            # official 0.99 from step 200; a 100-step run needs a short one
     ema_start: int = 1           # generator steps before the EMA starts to average (0: at once)
     ckpt_every: int = 100        # training steps between checkpoints (DMD: a fifth of it)
+    # ---- options: measured here, off by default -----------------------------------------------
+    init_teacher: str = "bidirectional"  # causal: Causal Forcing's ODE init from an AR teacher
+    #                              (arXiv 2602.02214); no long-video gain here (docs/results.md)
+    init_context: str = "clean"  # the past a causal ODE init sees: clean (Causal Forcing), or
+    #                              mixed (each past block at a student level or clean, per block)
+    ar_steps: int = 2000         # the AR teacher: the bidirectional one fine-tuned block-causally
+    ar_lr: float = 3e-4          # by teacher forcing on the toy's data (Causal Forcing: >= 2K)
+    rollout_frames: int = 0      # self-rollout length (0: frames; official num_rollout_frames);
+    #                              gradient on the last `frames`; 24 with the sink: within seed
+    #                              spread at 40×, 2× the time (docs/results.md)
+    sink: bool = False           # rollouts keep block 0 in the window (attention sink; acts only
+    #                              in rollouts longer than the window; docs/long_videos.md)
+    cache_grad: bool = False     # the exit step's context writes keep their gradient, as the
+    #                              official causal model's cache (docs/lab/distillation.md)
+    reg_weight: float = 0.0      # regression anchor (DMD's regression loss): + weight · the ODE-
+    #                              init loss on the teacher's pairs (docs/lab/distillation.md)
+    guidance_min_sigma: float = 0.0  # real-score CFG only at σ in [min, max] (Kynkäänniemi et al.
+    guidance_max_sigma: float = 1.0  # 2024's interval; 0, 1: every level; lab/distillation.md)
+    snapshot_every: int = 0      # keep the EMA weights every N generator steps (0: off)
 
     def __post_init__(self):
         def need(ok, name, allowed):
@@ -123,6 +130,14 @@ TRAIN_PRESETS = {
                   ar_steps=10),
     "toy": dict(),
 }
+
+
+# The named students, matched: one teacher, ODE init and recipe; they differ in one thing at a
+# time. (sampler order, forward-KL weight λ (None: TrainConfig.fkl_weight), context level (None:
+# hiar.Config.context_t, HiAR's t_{j+1}))
+VARIANTS = {"self_forcing": ("block", 0.0, "clean"),   # Self-Forcing-style: block-major, λ = 0
+            "hiar_no_fkl": ("step", 0.0, None),        # the order alone: step-major, λ = 0
+            "hiar": ("step", None, None)}              # + the forward-KL term alone: λ = 0.1
 
 
 def parse_overrides(items) -> tuple[dict, dict]:
@@ -280,8 +295,7 @@ def train_loop(run: Run, stage: str, steps: int, modules: dict, step_fn, every: 
             raise CLIError(f"stage {stage}: {bad[0]}={last[bad[0]]} at step {step}; "
                            f"stopped, the last good checkpoint is {path}")
         bar.update({k: f"{v:.4g}" for k, v in last.items()})
-        if step % 10 == 0 or step == steps - 1:
-            run.log({"stage": stage, "step": step, **last})
+        run.log({"stage": stage, "step": step, **last})              # every step: the curves
         if (step + 1) % every == 0 and step + 1 < steps:
             save(step + 1, False)
     bar.close()
@@ -585,13 +599,13 @@ def train_dmd(run: Run, stage: str, teacher, init: hiar.VideoDiT, pairs: dict, o
     sig0 = float(pairs["sigmas"][0])
     fkl_target = hiar.chord_x0(pairs["states"][:, 0], pairs["states"][:, 1], sig0,
                                float(pairs["sigmas"][1])) if cfg.K > 1 else pairs["x0"]
-    levels, sig = ode_levels(pairs) if tc.reg_weight > 0 else (None, None)
+    levels, sig = ode_levels(pairs) if tc.reg_weight > 0 else (None, None)   # option: anchor
 
     def labels():
         return torch.randint(cfg.labels, (tc.dmd_batch,), generator=g) if cfg.labels else None
 
     def step_fn(step):
-        for _ in range(tc.critic_ratio):                            # fake score: flow loss
+        for _ in range(tc.critic_ratio):     # 1. the critic (fake score): flow loss on rollouts
             label = labels()
             with torch.no_grad():
                 x0 = rollout(gen, run, order, context_t, g, label,
@@ -603,29 +617,30 @@ def train_dmd(run: Run, stage: str, teacher, init: hiar.VideoDiT, pairs: dict, o
             c_loss.backward()
             torch.nn.utils.clip_grad_norm_(critic.parameters(), tc.grad_clip)
             opt_c.step()
-        label = labels()
+        label = labels()                     # 2. a self-rollout, every block exits at step j*
         exit_step = int(torch.randint(cfg.K, (1,), generator=g))   # shared by all blocks
         x0 = rollout(gen, run, order, context_t, g, label, exit_step)
-        loss = d_loss = hiar.dmd_loss(x0, teacher, critic, tc.dmd_shift, label, tc.dmd_guidance,
-                                      g, (tc.guidance_min_sigma, tc.guidance_max_sigma))
-        logs = {"dmd": d_loss.item(), "critic": c_loss.item()}
-        if fkl_weight > 0:
+        loss = d_loss = hiar.dmd_loss(       # 3. reverse KL: DMD against the teacher with CFG
+            x0, teacher, critic, tc.dmd_shift, label, tc.dmd_guidance, g,
+            (tc.guidance_min_sigma, tc.guidance_max_sigma))
+        logs = {"dmd": d_loss.item(), "critic": c_loss.item(), "exit_step": exit_step}
+        if fkl_weight > 0:                   # 4. + λ·L_FKL on the first step (Eq. 11)
             idx = torch.randint(len(fkl_target), (tc.dmd_batch,), generator=g)
             lab = pairs["label"][idx] if cfg.labels else None
             f_loss = hiar.fkl_loss(gen, pairs["states"][idx, 0].to(dev), fkl_target[idx].to(dev),
                                    sig0, lab, bidirectional=tc.fkl_mode == "bidirectional")
             loss = loss + fkl_weight * f_loss
             logs["fkl"] = f_loss.item()
-        if tc.reg_weight > 0:                                       # the regression anchor
+        if tc.reg_weight > 0:                        # option (off): the regression anchor
             r_loss = ode_regression(gen, levels, sig, pairs, tc.dmd_batch, cfg, g, dev)
             loss = loss + tc.reg_weight * r_loss
             logs["reg"] = r_loss.item()
-        opt_g.zero_grad(set_to_none=True)
+        opt_g.zero_grad(set_to_none=True)    # 5. the generator's update, then its EMA
         loss.backward()
         torch.nn.utils.clip_grad_norm_(gen.parameters(), tc.grad_clip)
         opt_g.step()
         ema.update(gen, 0.0 if step < tc.ema_start else None)    # EMA follows from ema_start
-        if tc.snapshot_every and (step + 1) % tc.snapshot_every == 0:   # quality vs length
+        if tc.snapshot_every and (step + 1) % tc.snapshot_every == 0:   # option: snapshots
             save_atomic({**run.stamp(stage, extra), "step": step + 1,
                          "model": {k: v.half() for k, v in ema.state_dict().items()}},
                         run.path / f"{stage}_ema{step + 1}.pt")
@@ -672,11 +687,6 @@ def stage_gif(run: Run, name: str, model: hiar.VideoDiT, teacher: bool = False, 
 # ------------------------------------------------------------------------------------------------
 # The whole pipeline
 # ------------------------------------------------------------------------------------------------
-
-# Named students: (sampler order, forward-KL weight (None = the config's λ), context level)
-VARIANTS = {"hiar": ("step", None, None), "self_forcing": ("block", 0.0, "clean"),
-            "hiar_no_fkl": ("step", 0.0, None)}
-
 
 def resolve_students(args, cfg: hiar.Config, tc: TrainConfig) -> list[tuple]:
     """[(stage name, order, fkl weight, context level)] from --students / --order / … flags."""

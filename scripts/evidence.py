@@ -3,14 +3,18 @@ the drift metrics (sample.DriftMeter) at 8× and 40× the training length, mean 
 sampling seeds (and over training seeds where a row has several checkpoints), drift curves and a
 side-by-side GIF.
 
-    python scripts/evidence.py                     # every row whose checkpoints are shipped
-    python scripts/evidence.py --seeds 0 1 2 --num 8 --long 40
-    python scripts/evidence.py --rows 1,2 --no-gif # redo two rows, keep the rest of the json
+    python scripts/evidence.py                     # every row, into runs/evidence/: ~40 min
+    python scripts/evidence.py --out docs          # the same, refreshing the committed docs/
+    python scripts/evidence.py --out docs --rows 1,2 --no-gif   # redo two rows, keep the rest
+    python scripts/evidence.py --out docs --table-only          # the tables from the json only
 
-Writes docs/evidence.json, docs/evidence.md (full table), docs/evidence_summary.md (≤ 6
-columns), docs/claims.md (the paper's claims, with docs/quality.json from scripts/quality.py),
-docs/long_videos.md (each student with and without an attention sink),
-docs/drift_curves.png (needs matplotlib, the notebook extra) and docs/drift_40x.gif.
+Takes about 40 minutes on a 2-core CPU (3 sampling seeds × 8 videos × 480 frames for each of
+~20 rows; the committed docs/ were made in two halves by --rows side by side, 27 + 15 min).
+Writes into --out (default runs/evidence/, so the committed docs/ stay as they are unless asked):
+evidence.json, evidence.md (full table), evidence_summary.md (≤ 6 columns), claims.md (the
+paper's claims, with quality.json from scripts/quality.py: --out's, else docs/'s),
+long_videos.md (each student with and without an attention sink), drift_curves.png (needs
+matplotlib, the notebook extra) and drift_40x.gif.
 Videos stream through the meters block by block, so memory does not grow with the length.
 """
 from __future__ import annotations
@@ -169,21 +173,24 @@ def main(argv=None):
     p.add_argument("--short", type=int, default=8, help="short length, × the training length")
     p.add_argument("--long", type=int, default=40, help="long length, × the training length")
     p.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints"))
-    p.add_argument("--out", default=str(ROOT / "docs"))
+    p.add_argument("--out", default=str(ROOT / "runs" / "evidence"),
+                   help="where to write; 'docs' refreshes the committed tables and figures")
     p.add_argument("--rows", default=None,
                    help="indices into ROWS, comma-separated: recompute these rows and keep the "
-                        "others of docs/evidence.json (default: all rows, from scratch; '': the "
+                        "others of --out's evidence.json (default: all rows, from scratch; "
+                        "'': the "
                         "GIF only)")
     p.add_argument("--no-gif", dest="gif", action="store_false", help="leave the GIF as it is")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--table-only", action="store_true",
-                   help="rebuild the tables from docs/evidence.json without sampling")
+                   help="rebuild the tables from --out's evidence.json without sampling")
     args = p.parse_args(argv)
     out, ckdir = Path(args.out), Path(args.ckpt_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.table_only:
         return write_tables(load_evidence(out / "evidence.json"), out)
     torch.set_num_threads(args.threads)
+    print(f"evidence: about 40 min on a 2-core CPU for every row; writing into {out}", flush=True)
     rows = ROWS if args.rows is None else [ROWS[int(i)] for i in args.rows.split(",") if i]
     models, cfg = {}, None
     gif_rows = [r for r in ROWS if r.label in GIF_ROWS] if args.gif else []
@@ -259,7 +266,7 @@ def write_tables(ev: dict, out: Path):
     full, summary = tables(ev, args)
     (out / "evidence.md").write_text(full)
     (out / "evidence_summary.md").write_text(summary)
-    q = out / "quality.json"
+    q = out / "quality.json" if (out / "quality.json").exists() else ROOT / "docs" / "quality.json"
     (out / "claims.md").write_text(claims(ev, json.loads(q.read_text()) if q.exists() else {}))
     (out / "long_videos.md").write_text(long_videos(ev))
     print(summary)
@@ -348,7 +355,8 @@ def claims(ev: dict, quality: dict) -> str:
     qs = quality.get("seeds", [])
     out = ["# The paper's claims on the matched students", "",
            f"Made by `python scripts/quality.py --seeds {' '.join(map(str, qs))} --out "
-           "docs/quality.md` and `python scripts/evidence.py` (this file: `--table-only`). "
+           "docs/quality.md` and `python scripts/evidence.py --out docs` (this file: "
+           "`--table-only`). "
            "Three students from one ODE init and one DMD recipe, three training seeds each; "
            "they differ in one thing at a time. Every cell: mean ± std over the training seeds, "
            "each the mean of its sampling seeds "
@@ -418,7 +426,8 @@ def long_videos(ev: dict) -> str:
     head = (f"| rollout | ground change {n0}× | ground change {n1}× | blobs / frame {n0}× "
             f"(last window) | blobs / frame {n1}× (last window) | seeds (training × sampling) |")
     out = ["# Long videos: what keeps a clip's look", "",
-           "Made by `python scripts/evidence.py` from docs/evidence.json. The ground is a "
+           "Made by `python scripts/evidence.py --out docs` from docs/evidence.json. The ground "
+           "is a "
            "frame's median colour; its change is the RGB distance of the last block's ground "
            "from the first block's (a clip's ground does not change in the data); blobs are "
            f"counted with `sample.find_blobs` in the last window ({L1 // n1} frames). Mean ± "

@@ -13,7 +13,7 @@ import nbclient
 import nbformat
 
 ROOT = Path(__file__).resolve().parent.parent
-NAMES = ("samplers", "drift", "losses")
+NAMES = tuple(sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb")))
 
 
 def main(names):
