@@ -23,7 +23,7 @@ def main(names):
             raise SystemExit(f"error: {path} does not exist; choose from {', '.join(NAMES)}")
         nb = nbformat.read(path, as_version=4)
         t = time.time()
-        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+        nbclient.NotebookClient(nb, timeout=1800, kernel_name="python3",
                                 resources={"metadata": {"path": str(path.parent)}}).execute()
         nbformat.write(nb, path)
         print(f"{path.relative_to(ROOT)}: executed in {time.time() - t:.0f} s")
