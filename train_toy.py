@@ -177,6 +177,9 @@ def fingerprint(model: hiar.VideoDiT) -> str:
     return h.hexdigest()[:16]
 
 
+# The stages of a run directory besides its students (a student's --name may not take one)
+STAGES = ("teacher", "ar_teacher", "ode_pairs", "ar_ode_pairs", "ode_init")
+
 # What the ODE pairs and the ODE init depend on besides the data and network (--init-from).
 ODE_FIELDS = ["batch", "guidance", "ode_pairs", "ode_steps", "ode_shift", "init_steps", "init_lr",
               "init_teacher", "init_context", "ar_steps", "ar_lr"]
@@ -683,10 +686,6 @@ def stage_gif(run: Run, name: str, model: hiar.VideoDiT, teacher: bool = False, 
 # Named students: (sampler order, forward-KL weight (None = the config's λ), context level)
 VARIANTS = {"hiar": ("step", None, None), "self_forcing": ("block", 0.0, "clean"),
             "hiar_no_fkl": ("step", 0.0, None)}
-
-
-# Stage names a run directory holds besides its students: a student may not take one
-STAGES = ("teacher", "ar_teacher", "ode_pairs", "ar_ode_pairs", "ode_init")
 
 
 def resolve_students(args, cfg: hiar.Config, tc: TrainConfig) -> list[tuple]:

@@ -193,7 +193,7 @@ def main(argv=None):
             raise sample.CLIError(f"--table-only: no {out / 'evidence.json'} to rebuild from")
         return write_tables(load_evidence(out / "evidence.json"), out)
     torch.set_num_threads(args.threads)
-    rows = ROWS if args.rows is None else [ROWS[int(i)] for i in picked]
+    rows = ROWS if args.rows is None else [ROWS[int(i)] for i in args.rows.split(",") if i]
     models, cfg = {}, None
     gif_rows = [r for r in ROWS if r.label in GIF_ROWS] if args.gif else []
     for row in rows + gif_rows:
