@@ -5,8 +5,10 @@
     python sample.py --bias 0.03                       # a known x0 bias: watch it compound
 
 Frames are written as they are made (npy through a memory map, GIF and MP4 frame by frame), so
-memory stays flat however long the video. Also the scripts' shared pieces: one error type, device
-choice, the checkpoint loader, video helpers and the drift metrics (train_toy.py imports them).
+memory stays flat however long the video; each file under a temporary name until it is whole, so
+Ctrl-C or a full disk leaves the old files as they were. Also the scripts' shared pieces: one
+error type, the argument checks, safe writes, device choice, the checkpoint loader, video helpers
+and the drift metrics (train_toy.py and scripts/ import them).
 """
 from __future__ import annotations
 
@@ -855,7 +857,7 @@ def main(argv=None):
     t = 0
     try:
         with contextlib.ExitStack() as stack:
-            for stream in streams.values():             # stops a pipeline's threads promptly
+            for stream in streams.values():             # a pipeline's stages stop at once
                 stack.callback(stream.close)
             tmp = {key: stack.enter_context(atomic(p)) for key, p in outs.items()}
             npys = {row: open_npy(tmp[row], (args.num, frames, cfg.size, cfg.size, 3), outs[row])
