@@ -46,6 +46,14 @@ class CLIError(RuntimeError):
     """A failure the user sees as one line: a bad flag value, a missing or foreign file, a NaN."""
 
 
+def other_rank() -> bool:
+    """Under torchrun every process checks the same arguments before they meet, and fails
+    alike: only rank 0 says why."""
+    import torch.distributed as dist
+    return int(os.environ.get("RANK", 0)) > 0 and not (dist.is_available()
+                                                        and dist.is_initialized())
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors (`--frames abc`) are CLIErrors too: one line like the rest."""
 
@@ -60,7 +68,8 @@ def run_cli(main, interrupted: str = "nothing was overwritten"):
     try:
         main()
     except CLIError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not other_rank():
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:                             # a full disk, a file gone or locked
         print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
@@ -770,12 +779,9 @@ def check_args(args, cfg: hiar.Config, meta: dict) -> dict:
     return dict(samplers=samplers, context_t=context_t, frames=frames, label=label)
 
 
-def check_world_size(world: int, rank: int, K: int):
-    """torchrun: one process per group of steps, so 1 <= processes <= K, checked before they
-    meet. Every rank fails alike; rank 0 says why (one line), the others exit with its status."""
+def check_world_size(world: int, K: int):
+    """torchrun: one process per group of steps, checked before the processes meet."""
     if not 1 <= world <= K:
-        if rank:
-            sys.exit(2)
         raise CLIError(f"torchrun --nproc_per_node={world}: must be in [1, K={K}] (one process "
                        "per group of steps)")
 
@@ -826,7 +832,7 @@ def main(argv=None):
     c = check_args(args, cfg, meta)
     samplers, frames, label = c["samplers"], c["frames"], c["label"]
     if world:
-        check_world_size(world, rank, cfg.K)
+        check_world_size(world, cfg.K)
     writer_rank = not world or rank == world - 1
     name = Path(args.ckpt).stem
     rows = {"data": None, **{f"{name}: {s}" + ("" if s == "pipelined" else "-major"): s
