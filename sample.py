@@ -806,17 +806,13 @@ def output_paths(args, rows: dict, ckpt: Path) -> dict:
     return {key: checked[what] for key, (what, _) in named.items()}
 
 
-def open_npy(path, shape, name) -> np.ndarray:
-    """A uint8 .npy of `shape` at `path` to fill in place (memory-mapped), its disk space taken
-    first: a disk too small for `name` is an OSError here, not a crash (SIGBUS) at a later
-    frame."""
+def open_npy(path, shape) -> np.ndarray:
+    """A uint8 .npy of `shape` to fill in place (memory-mapped), its disk space taken first: a
+    disk too small is an OSError here, not a crash (SIGBUS) at a later frame."""
     np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
     if hasattr(os, "posix_fallocate"):
         with open(path, "r+b") as f:
-            try:
-                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-            except OSError as e:
-                raise OSError(e.errno, e.strerror, str(name)) from None
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
     return np.lib.format.open_memmap(path, mode="r+")
 
 
@@ -860,13 +856,13 @@ def main(argv=None):
                 pass
         return
     meters = {row: DriftMeter(frames, cfg.block, cfg.shapes) for row in rows} if measure else {}
-    t = 0
+    t, kept = 0, "no output was written and no file changed"
     try:
         with contextlib.ExitStack() as stack:
             for stream in streams.values():             # a pipeline's stages stop at once
                 stack.callback(stream.close)
             tmp = {key: stack.enter_context(atomic(p)) for key, p in outs.items()}
-            npys = {row: open_npy(tmp[row], (args.num, frames, cfg.size, cfg.size, 3), outs[row])
+            npys = {row: open_npy(tmp[row], (args.num, frames, cfg.size, cfg.size, 3))
                     for row in rows if row in tmp}
             gif = stack.enter_context(GifWriter(tmp["--gif"])) if "--gif" in tmp else None
             mp4 = None
@@ -898,8 +894,10 @@ def main(argv=None):
             for arr in npys.values():
                 arr.flush()
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"at frame {t} of {frames}; no output was written and no file "
-                                "changed") from None
+        raise KeyboardInterrupt(f"at frame {t} of {frames}; {kept}") from None
+    except OSError as e:                                # a full disk
+        raise OSError(e.errno, f"{e.strerror} while writing "
+                      f"{', '.join(map(str, outs.values()))}; {kept}") from None
     for p in outs.values():
         print(f"wrote {p}")
     if meters:

@@ -2145,7 +2145,8 @@ SAMPLE_ROWS = [   # (issue row, command, exit status, stderr line (regex prefix)
     ("1", "--sampler step --frames 7 -n 1 --gif X --npy X", 2,
      "error: --npy X: is also --gif X; give each output its own file", None),
     ("2", "--sampler step --frames 3000 -n 2 --gif '' --npy v.npy", 1,
-     "error: No space left on device: v.npy", "a full disk"),
+     "error: No space left on device while writing v.npy; no output was written and no file "
+     "changed", "a full disk"),
     ("3", f"-n 1 --seed {BIG_SEED} --frames 6 --sampler step --gif old.gif --npy v.npy", 2,
      rf"error: --seed {BIG_SEED}: must be an integer in \[0, 2\*\*63 - 1\]", None),
     ("4", "--frames 3000 -n 1 --sampler step --gif keep.gif --npy keep.npy", 130,
