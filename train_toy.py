@@ -788,6 +788,17 @@ def adopt_shipped_init(run: Run) -> bool:
     return True
 
 
+def check_teacher(path: Path, cfg: hiar.Config, pairs: Path | None):
+    """--teacher: a teacher of the run's network and, where the run has ODE pairs already (its
+    own or --init-from's), the teacher they came from."""
+    ck = load_checkpoint(path)
+    check_checkpoint(ck, path, "--teacher", ("teacher",), cfg)
+    made_by = load_checkpoint(pairs).get("teacher") if pairs else None
+    if made_by not in (None, fingerprint(model_from_checkpoint(ck, path, "ema"))):
+        raise CLIError(f"{pairs} came from another teacher than {path}; distil from that one "
+                       "or use another --run-dir")
+
+
 def load_teacher(run: Run, from_scratch: bool, path) -> hiar.VideoDiT:
     """The teacher to distil from: --teacher's, or (from scratch) the run's own, trained and
     shown in a GIF (made again if a kill lost it)."""
@@ -842,13 +853,13 @@ def run_all(args) -> Run:
     run_dir = Path(args.run_dir or f"runs/{args.preset}_s{args.seed}")
     students = resolve_students(args, cfg, tc)
     check_students(run_dir, students)
-    shared = []
+    init_files = []
     if args.init_from:
         src = Path(args.init_from)
         if args.from_scratch:
             raise CLIError("--init-from: the shared ODE init comes with its teacher; "
                            "drop --from-scratch")
-        shared = init_from(src, cfg, tc, run_dir)
+        init_files = init_from(src, cfg, tc, run_dir)
         if not args.teacher and (src / "teacher.pt").is_file():
             args.teacher = str(src / "teacher.pt")     # the teacher that ODE init came from
     teacher_path = Path(args.teacher) if args.teacher else SHIPPED / "teacher.pt"
@@ -858,24 +869,21 @@ def run_all(args) -> Run:
         if not teacher_path.exists():
             raise CLIError(f"--teacher {teacher_path}: no such file; pass --teacher PATH or "
                            "--from-scratch")
-        check_checkpoint(load_checkpoint(teacher_path), teacher_path, "--teacher", ("teacher",),
-                         cfg)
+        pairs = run_dir / "ode_pairs.pt"                # the run's, else --init-from's, if any
+        if not pairs.exists():
+            pairs = init_files[0][0] if init_files else None
+        check_teacher(teacher_path, cfg, pairs)
     if args.ship:
         if same_file(args.ship, run_dir):
             raise CLIError(f"--ship {args.ship}: is the run directory; ship to another")
         check_dir("--ship", args.ship)
     torch.manual_seed(args.seed)
     run = Run(run_dir, cfg, tc, dev, args.seed)
-    share_init(shared)
+    share_init(init_files)
     print(f"run {run.path} on {dev}, preset {args.preset}, seed {args.seed}, "
           f"students {[s[0] for s in students]}")
     times, gifs = {}, []
     teacher = load_teacher(run, args.from_scratch, teacher_path)
-    if run.done("ode_pairs"):                # pairs reused: they must be this teacher's
-        made_by = load_checkpoint(run.ckpt("ode_pairs")).get("teacher")
-        if made_by not in (None, fingerprint(teacher)):
-            raise CLIError(f"{run.ckpt('ode_pairs')} came from another teacher than "
-                           f"{teacher_path}; distil from that one or use another --run-dir")
     if not args.from_scratch and not args.init_from and not args.teacher:
         adopt_shipped_init(run)
     if args.teacher_only:
