@@ -2093,12 +2093,15 @@ def snapshot(folder: Path) -> dict:
 
 def call_main(main, argv, capsys) -> tuple[int, list[str], str]:
     """A CLI's main(argv) in-process, as `python <script>` runs it (through sample.run_cli):
-    → (exit status, stderr lines, stdout)."""
+    → (exit status, stderr lines, stdout). The scripts' --threads is undone afterwards."""
+    threads = torch.get_num_threads()
     try:
         sample.run_cli(lambda: main(argv))
         code = 0
     except SystemExit as e:
         code = e.code
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr()
     return code, out.err.strip().splitlines(), out.out
 
