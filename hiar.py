@@ -544,6 +544,8 @@ def pipelined(model: VideoDiT, noise: Noise, frames: int, label=None, context_t:
                     if cuda:
                         torch.cuda.current_stream().synchronize()    # x is ready downstream
                     put(pipes[s + 1], x)
+                    if stop.is_set():                  # the caller stopped: no more blocks
+                        return
         except BaseException as e:                     # hand the failure on to the caller
             put(pipes[s + 1], e)
 

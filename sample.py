@@ -5,12 +5,16 @@
     python sample.py --bias 0.03                       # a known x0 bias: watch it compound
 
 Frames are written as they are made (npy through a memory map, GIF and MP4 frame by frame), so
-memory stays flat however long the video. Also the scripts' shared pieces: one error type, device
-choice, the checkpoint loader, video helpers and the drift metrics (train_toy.py imports them).
+memory stays flat however long the video; each file under a temporary name until it is whole, so
+Ctrl-C or a full disk leaves the old files as they were. Also the scripts' shared pieces: one
+error type, the argument checks, safe writes, device choice, the checkpoint loader, video helpers
+and the drift metrics (train_toy.py and scripts/ import them).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import io
 import math
 import os
@@ -42,13 +46,143 @@ class CLIError(RuntimeError):
     """A failure the user sees as one line: a bad flag value, a missing or foreign file, a NaN."""
 
 
-def run_cli(main):
-    """A script's entry point: bad input (a CLIError) is one line on stderr and exit status 2."""
+def other_rank() -> bool:
+    """Under torchrun every process checks the same arguments before they meet, and fails
+    alike: only rank 0 says why."""
+    import torch.distributed as dist
+    return int(os.environ.get("RANK", 0)) > 0 and not (dist.is_available()
+                                                        and dist.is_initialized())
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors (`--frames abc`) are CLIErrors too: one line like the rest."""
+
+    def error(self, message):
+        raise CLIError(message)
+
+
+def run_cli(main, interrupted: str = "nothing was overwritten"):
+    """A script's entry point: bad input (a CLIError) is one line on stderr and exit status 2, a
+    failed write (a full disk) one line and 1, Ctrl-C one line and 130 (outputs are written by
+    `atomic`, so neither leaves a file changed or half written)."""
     try:
         main()
     except CLIError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not other_rank():
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:                             # a full disk, a file gone or locked
+        print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
+              file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as e:                   # its text, if any: what became of the work
+        print(f"interrupted {e}" if str(e) else f"interrupted; {interrupted}", file=sys.stderr)
+        sys.exit(130)
+
+# ------------------------------------------------------------------------------------------------
+# Shared by the scripts: argument checks (before any file is opened) and safe outputs
+# ------------------------------------------------------------------------------------------------
+
+
+SEEDS = 2 ** 63     # seeds fit 63 bits: torch.Generator takes < 2**64, and run seeds add a little
+
+
+def check(ok: bool, flag: str, value, allowed: str):
+    """One argument: a one-line CLIError naming the flag, its value and what is allowed."""
+    if not ok:
+        raise CLIError(f"{flag} {value}: {allowed}")
+
+
+def check_int(flag: str, value, low: int = 1):
+    check(isinstance(value, int) and value >= low, flag, value, f"must be an integer >= {low}")
+
+
+def check_seed(flag: str, value):
+    check(isinstance(value, int) and 0 <= value < SEEDS, flag, value,
+          "must be an integer in [0, 2**63 - 1] (seeds fit 63 bits)")
+
+
+def check_number(flag: str, value, low: float | None = None, high: float | None = None,
+                 above: bool = False):
+    """A finite number in [low, high] (`above`: strictly above low)."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (
+        low is None or (value > low if above else value >= low)) and (high is None or value <= high)
+    rule = []
+    if low is not None:
+        rule.append(f"{'>' if above else '>='} {low:g}")
+    if high is not None:
+        rule.append(f"<= {high:g}")
+    check(ok, flag, value, " ".join(["must be a finite number", " and ".join(rule)]).strip())
+
+
+def same_file(a, b) -> bool:
+    """Do two paths name one file (also through links, or a hard link to it)?"""
+    a, b = Path(a), Path(b)
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+
+
+def _check_writable(what: str, folder: Path):
+    """A file can be made in `folder`, or in its nearest existing parent if it is still to be
+    made (atomic makes it when the output is written): a probe file, removed at once."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        probe = folder / f".{os.getpid()}.write_test.tmp"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise CLIError(f"{what}: cannot write there ({e.strerror})") from None
+
+
+def check_outputs(outputs: dict, inputs: dict | None = None) -> dict:
+    """Every output path before any work: not a directory, its folder writable, no two outputs
+    on one path and none on an input; nothing is made or touched. outputs, inputs: {what the
+    user typed (e.g. '--npy v.npy'): path} → outputs as Paths."""
+    out = {}
+    for what, path in outputs.items():
+        p = Path(path)
+        if p.is_dir():
+            raise CLIError(f"{what}: is a directory; give a file name")
+        for other, q in out.items():
+            if same_file(p, q):
+                raise CLIError(f"{what}: is also {other}; give each output its own file")
+        for other, q in (inputs or {}).items():
+            if same_file(p, q):
+                raise CLIError(f"{what}: would overwrite the input {other}")
+        out[what] = p
+    for what, p in out.items():
+        _check_writable(what, p.parent)
+    return out
+
+
+def check_dir(flag: str, path) -> Path:
+    """An output folder that can be written to (made when the first output is written)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise CLIError(f"{flag} {path}: is a file; give a directory")
+    _check_writable(f"{flag} {path}", p)
+    return p
+
+
+@contextlib.contextmanager
+def atomic(path):
+    """Every output is written through this: yields a temporary path beside `path`
+    (`<name>.tmp`) that becomes `path` by a rename when the block ends; after an error or an
+    interrupt the temporary file is removed and the old `path` stays as it was. So no reader
+    ever sees half a file, and no half-written file looks whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)                    # gone already after a success
+
+
+def write_text(path, text: str):
+    with atomic(path) as tmp:
+        tmp.write_text(text)
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -116,6 +250,8 @@ def make_config(preset: str, **overrides) -> hiar.Config:
              "must be an integer >= 1")
     need(isinstance(d["labels"], int) and d["labels"] >= 0, "labels", "must be an integer >= 0")
     need(d["frames"] % d["block"] == 0, "frames", f"must be a multiple of block={d['block']}")
+    need(d["window"] or d["frames"] > d["block"], "frames",
+         f"must hold two blocks or more (> block={d['block']}): the window needs context")
     need(d["size"] % d["patch"] == 0, "patch", f"must divide size={d['size']}")
     need(d["dim"] % d["heads"] == 0 and (d["dim"] // d["heads"]) % 2 == 0, "heads",
          f"must divide dim={d['dim']} into an even head size (RoPE rotates pairs)")
@@ -125,14 +261,16 @@ def make_config(preset: str, **overrides) -> hiar.Config:
     need(w == 0 or w > d["block"], "window", f"must leave room for context: > block={d['block']}")
     need(d["context_t"] in hiar.CONTEXT_LEVELS, "context_t",
          f"must be one of {hiar.CONTEXT_LEVELS}")
-    need(isinstance(d["shift"], (int, float)) and d["shift"] > 0, "shift", "must be > 0")
+    need(isinstance(d["shift"], (int, float)) and 0 < d["shift"] < math.inf, "shift",
+         "must be a finite number > 0")
     ceilings = {"blob_sigma": None, "speed": None, "saturation": 1, "value": 1, "background": 1}
     for name, ceil in ceilings.items():
         r, strict = d[name], name in ("blob_sigma", "speed")
         ok = (isinstance(r, (tuple, list)) and len(r) == 2
-              and all(isinstance(x, (int, float)) for x in r) and 0 <= r[0] <= r[1]
+              and all(isinstance(x, (int, float)) and math.isfinite(x) for x in r)
+              and 0 <= r[0] <= r[1]
               and (not strict or r[0] > 0) and (ceil is None or r[1] <= ceil))
-        need(ok, name, f"must be a (low, high) pair with 0 {'<' if strict else '<='} low <= high"
+        need(ok, name, f"must be a (low, high) pair, 0 {'<' if strict else '<='} low <= high"
              + (f" <= {ceil}" if ceil is not None else ""))
     need(d["blob_sigma"][1] * 2 < d["size"], "blob_sigma", f"must be < size/2={d['size'] / 2}")
     return hiar.Config(**d)
@@ -160,16 +298,46 @@ def trained_level(meta: dict, cfg: hiar.Config) -> str:
     return meta.get("context_t") or cfg.context_t
 
 
-def load_student(name: str, device) -> tuple[hiar.VideoDiT, dict]:
+def config_diff(a: dict, b: dict, keys=None) -> list[str]:
+    keys = sorted(set(a) | set(b)) if keys is None else keys
+    norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v     # noqa: E731
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if norm(a.get(k)) != norm(b.get(k))]
+
+
+NETWORK_FIELDS = [f.name for f in dataclasses.fields(hiar.Config)
+                  if f.name not in hiar.SAMPLER_FIELDS]
+
+
+def check_network(ck: dict, cfg: hiar.Config, path):
+    """A checkpoint's network and data must be `cfg`'s (its sampler fields may differ)."""
+    diff = config_diff(ck["config"], cfg.to_dict(), NETWORK_FIELDS)
+    if diff:
+        raise CLIError(f"{path} was made with a different config ({'; '.join(diff)})")
+
+
+def check_checkpoint(ck, path, flag: str, stages=None, like: hiar.Config | None = None):
+    """A checkpoint of this project, of one of `stages` (None: any) and, given `like`, with its
+    network: what a flag that names a checkpoint needs."""
+    if not isinstance(ck, dict) or "config" not in ck or "model" not in ck:
+        raise CLIError(f"{flag} {path}: not a checkpoint of this project")
+    if stages is not None and ck.get("stage") not in stages:
+        raise CLIError(f"{flag} {path}: is a checkpoint of stage {ck.get('stage')}; give one "
+                       f"of stage {' or '.join(stages)}")
+    if like is not None:
+        check_network(ck, like, f"{flag} {path}")
+
+
+def load_student(name: str, device, like: hiar.Config | None = None) -> tuple[hiar.VideoDiT, dict]:
     """The sampling weights (EMA where present) and how the checkpoint was made: its stage, and
-    for a DMD student its sampler order and context level."""
+    for a DMD student its sampler order and context level. `like`: the network it must have."""
     path = resolve_ckpt(name)
     ck = load_checkpoint(path)
-    if not isinstance(ck, dict) or "config" not in ck or "model" not in ck:
-        raise CLIError(f"--ckpt {path}: not a checkpoint of this project")
-    if ck.get("stage") == "teacher":
-        raise CLIError(f"--ckpt {path}: is the bidirectional teacher; sample a student "
+    check_checkpoint(ck, path, "--ckpt")
+    if ck.get("stage") in ("teacher", "ar_teacher"):
+        raise CLIError(f"--ckpt {path}: is the {ck['stage']}; sample a student "
                        f"(shipped: {sorted(q.stem for q in SHIPPED.glob('*.pt'))[:8]})")
+    if like is not None:
+        check_network(ck, like, f"--ckpt {path}")
     model = model_from_checkpoint(ck, path, "ema")
     meta = {k: ck[k] for k in ("stage", "order", "fkl_weight", "context_t", "note", "seed")
             if k in ck}
@@ -247,14 +415,18 @@ class GifWriter:
         self.f.write(b"\x3b")
         self.f.close()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, error, *_):                     # the trailer only on a whole GIF
+        self.close() if error is None else self.f.close()
+
 
 def save_gif(path, frames: np.ndarray, fps: int = 8):
-    """Write (T, H, W, 3) uint8 frames as a looping GIF."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    w = GifWriter(path, fps)
-    for fr in frames:
-        w.append(fr)
-    w.close()
+    """Write (T, H, W, 3) uint8 frames as a looping GIF (atomically)."""
+    with atomic(path) as tmp, GifWriter(tmp, fps) as w:
+        for fr in frames:
+            w.append(fr)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,21 +576,26 @@ class DriftMeter:
     def result(self) -> dict:
         if self.t < self.seg_len * self.segments:
             raise ValueError(f"only {self.t} of {self.seg_len * self.segments} frames measured")
-        seg = {k: s / c.clamp(min=1) for k, (s, c) in self.sums.items()}
+        seg = {k: torch.where(c > 0, s / c.clamp(min=1), float("nan"))     # NaN: no frame
+               for k, (s, c) in self.sums.items()}
+        # a segment without a block boundary (frame 0 has no predecessor) has no jump
         seg["jump"] = seg.pop("change_boundary") / seg.pop("change_inside").clamp(min=1e-6)
         out = {}
         for name in MEASURES:
-            level = seg[name].mean(-1) if name == "jump" else (
+            level = seg[name].nanmean(-1) if name == "jump" else (
                 self.sums[name][0].sum(-1) / self.sums[name][1].sum(-1).clamp(min=1))
             out[name] = (level, drift_slope(seg[name]))
         return out
 
 
 def drift_slope(seg):
-    """Slope of the least-squares line through segment values (B, S) against 0..S−1 → (B,)."""
-    S = seg.shape[-1]
-    x = torch.arange(S, dtype=seg.dtype, device=seg.device) - (S - 1) / 2
-    return ((seg - seg.mean(-1, keepdim=True)) * x).sum(-1) / (x * x).sum()
+    """Slope of the least-squares line through segment values (B, S) against 0..S−1 → (B,);
+    NaN segments (nothing measured there) are left out."""
+    ok = ~seg.isnan()
+    x = torch.arange(seg.shape[-1], dtype=seg.dtype, device=seg.device).expand_as(seg)
+    x = torch.where(ok, x - (x * ok).sum(-1, keepdim=True) / ok.sum(-1, keepdim=True), 0.0)
+    y = torch.where(ok, seg - seg.nanmean(-1, keepdim=True), 0.0)
+    return (x * y).sum(-1) / (x * x).sum(-1)
 
 
 def drift_metrics(video, block: int, shapes: int, segments: int = 5) -> dict:
@@ -450,9 +627,12 @@ def metric_table(results: dict, data_key: str = "data") -> str:
              "|---" * (len(MEASURES) + 2) + "|"]
     for label, m in results.items():
         cells = [f"{m[n][0].nanmean():.3f} ({m[n][1].nanmean():+.4f})" for n in MEASURES]
-        score = drift_score(m, data)
-        cells.append(f"{score.mean():.2f} ± {score.std():.2f}" if len(score) > 1
-                     else f"{score.mean():.2f}")
+        if len(data[SCORED[0]][0]) < 2:                 # its unit needs two data videos
+            cells.append("– (needs -n >= 2)")
+        else:
+            score = drift_score(m, data)
+            cells.append(f"{score.mean():.2f} ± {score.std():.2f}" if len(score) > 1
+                         else f"{score.mean():.2f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + ("\n\nEach cell: mean level (drift = slope per segment over 5 "
                               "segments). Drift score: mean |drift| of " + ", ".join(SCORED)
@@ -531,7 +711,7 @@ def data_stream(cfg: hiar.Config, num: int, seed: int, frames: int, label):
 # ------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", default="ode_init", help="checkpoint path or shipped name")
     p.add_argument("--sampler", default=None, help="block, step or pipelined (default: the "
                    "checkpoint's own order; both side by side for the ODE-init student)")
@@ -559,23 +739,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _writable(path: str, flag: str) -> Path:
-    """Check an output path before any work is done: its folder can be made and written to."""
-    p = Path(path)
-    if p.is_dir():
-        raise CLIError(f"{flag} {path}: is a directory; give a file name")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        existed = p.exists()
-        with open(p, "ab"):
-            pass
-        if not existed:                                # a probe only: leave nothing behind
-            p.unlink()
-    except OSError as e:
-        raise CLIError(f"{flag} {path}: cannot write there ({e.strerror})") from None
-    return p
-
-
 def check_args(args, cfg: hiar.Config, meta: dict) -> dict:
     """Every flag checked against the model before generating; returns the resolved choices."""
     samplers = ([args.sampler] if args.sampler else
@@ -587,17 +750,13 @@ def check_args(args, cfg: hiar.Config, meta: dict) -> dict:
     if context_t not in hiar.CONTEXT_LEVELS:
         raise CLIError(f"--context-t {context_t!r}: choose one of {', '.join(hiar.CONTEXT_LEVELS)}")
     frames = 8 * cfg.frames if args.frames is None else args.frames
-    if frames < 1:
-        raise CLIError(f"--frames {frames}: must be >= 1")
-    if args.num < 1:
-        raise CLIError(f"--num {args.num}: must be >= 1")
-    if args.seed < 0:
-        raise CLIError(f"--seed {args.seed}: must be >= 0")
-    if "pipelined" in samplers and not 1 <= args.streams <= cfg.K:
-        raise CLIError(f"--streams {args.streams}: must be in [1, K={cfg.K}] (one stage per "
-                       "group of steps)")
-    if not math.isfinite(args.bias) or abs(args.bias) > 1:
-        raise CLIError(f"--bias {args.bias}: must be a number in [-1, 1]")
+    check_int("--frames", frames)
+    check_int("--num", args.num)
+    check_seed("--seed", args.seed)
+    if "pipelined" in samplers:
+        check(1 <= args.streams <= cfg.K, "--streams", args.streams,
+              f"must be in [1, K={cfg.K}] (one stage per group of steps)")
+    check_number("--bias", args.bias, -1, 1)
     if args.label is None:
         label = torch.arange(args.num) % cfg.labels if cfg.labels else None
     elif args.label == "none":
@@ -620,109 +779,130 @@ def check_args(args, cfg: hiar.Config, meta: dict) -> dict:
     return dict(samplers=samplers, context_t=context_t, frames=frames, label=label)
 
 
+def check_world_size(world: int, K: int):
+    """torchrun: one process per group of steps, checked before the processes meet."""
+    if not 1 <= world <= K:
+        raise CLIError(f"torchrun --nproc_per_node={world}: must be in [1, K={K}] (one process "
+                       "per group of steps)")
+
+
+def output_paths(args, rows: dict, ckpt: Path) -> dict:
+    """{'--gif' / '--mp4' / a row: its file}, checked (sample.check_outputs) before any work:
+    with two samplers --npy v.npy names v_block.npy and v_step.npy."""
+    named = {}
+    for flag, path in (("--gif", args.gif), ("--mp4", args.mp4)):
+        if path:
+            named[flag] = (f"{flag} {path}", path)
+    if args.npy:
+        base = Path(args.npy)
+        if base.is_dir():
+            raise CLIError(f"--npy {args.npy}: is a directory; give a file name")
+        several = sum(s is not None for s in rows.values()) > 1
+        for row, s in rows.items():
+            if s is not None:
+                p = base.with_name(f"{base.stem}_{s}{base.suffix}") if several else base
+                named[row] = (f"--npy {args.npy}" + ("" if p == base else f" ({p.name})"), p)
+    checked = check_outputs(dict(named.values()), {f"--ckpt {args.ckpt}": ckpt})
+    return {key: checked[what] for key, (what, _) in named.items()}
+
+
+def open_npy(path, shape) -> np.ndarray:
+    """A uint8 .npy of `shape` to fill in place (memory-mapped), its disk space taken first: a
+    disk too small is an OSError here, not a crash (SIGBUS) at a later frame."""
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    return np.lib.format.open_memmap(path, mode="r+")
+
+
 def main(argv=None):
     from tqdm import tqdm
     args = parse_args(argv)
     dev = pick_device(args.device)
-    distributed = "WORLD_SIZE" in os.environ
-    if distributed:
-        import torch.distributed as dist
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        if dev.type == "cuda":
-            dev = torch.device("cuda", dist.get_rank() % torch.cuda.device_count())
-        if args.sampler != "pipelined":
-            raise CLIError("under torchrun, use --sampler pipelined (one stage per process)")
-    model, meta = load_student(args.ckpt, dev)
+    world, rank = int(os.environ.get("WORLD_SIZE", 0)), int(os.environ.get("RANK", 0))
+    if world and args.sampler != "pipelined":
+        raise CLIError("under torchrun, use --sampler pipelined (one stage per process)")
+    model, meta = load_student(args.ckpt, "cpu")
     cfg = model.cfg
     c = check_args(args, cfg, meta)
     samplers, frames, label = c["samplers"], c["frames"], c["label"]
-    writer_rank = (not distributed) or dist.get_rank() == dist.get_world_size() - 1
-    # outputs are checked (and opened) before any work, so a bad path loses nothing
+    if world:
+        check_world_size(world, cfg.K)
+    writer_rank = not world or rank == world - 1
     name = Path(args.ckpt).stem
     rows = {"data": None, **{f"{name}: {s}" + ("" if s == "pipelined" else "-major"): s
                              for s in samplers}}
-    outs, npy_paths = {}, {}
-    if writer_rank:
-        for flag, path in (("--gif", args.gif), ("--mp4", args.mp4)):
-            if path:
-                outs[flag] = _writable(path, flag)
-        if args.npy:
-            base = Path(args.npy)
-            for row, s in rows.items():
-                if row == "data":
-                    continue
-                p = base if len(samplers) == 1 else base.with_name(f"{base.stem}_{s}{base.suffix}")
-                npy_paths[row] = _writable(str(p), "--npy")
+    # every output is checked before any work, and written under a temporary name: a bad path,
+    # a full disk or Ctrl-C loses nothing
+    outs = output_paths(args, rows, resolve_ckpt(args.ckpt)) if writer_rank else {}
+    if world:
+        import torch.distributed as dist
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        if dev.type == "cuda":
+            dev = torch.device("cuda", rank % torch.cuda.device_count())
+    model = model.to(dev)
     measure = not args.no_metrics and frames >= 5 * cfg.block
     if not (measure or "--gif" in outs or "--mp4" in outs):
         del rows["data"]                               # the ground truth is only for showing
     noise = hiar.Noise(cfg, [args.seed * 1_000_003 + i for i in range(args.num)], dev)
     whole = -(-frames // cfg.block) * cfg.block        # whole blocks; the last one is cut
-    streams = {"data": data_stream(cfg, args.num, args.seed, whole, label)} if "data" in rows \
-        else {}
-    for row, s in rows.items():
-        if row == "data":
-            continue
-        streams[row] = block_stream(model, s, noise, whole, label, c["context_t"], args.streams,
-                                    args.bias, args.sink)
+    streams = {row: data_stream(cfg, args.num, args.seed, whole, label) if s is None else
+               block_stream(model, s, noise, whole, label, c["context_t"], args.streams,
+                            args.bias, args.sink) for row, s in rows.items()}
     if not writer_rank:                                 # a middle stage of the torchrun pipeline
         with torch.no_grad():
             for _ in streams[list(rows)[-1]]:
                 pass
         return
-    npys, gif, mp4 = {}, None, None
-    for row, p in npy_paths.items():
-        npys[row] = np.lib.format.open_memmap(p, mode="w+", dtype=np.uint8,
-                                              shape=(args.num, frames, cfg.size, cfg.size, 3))
-    if "--gif" in outs:
-        gif = GifWriter(outs["--gif"])
-    if "--mp4" in outs:
-        import imageio.v2 as imageio
-        mp4 = imageio.get_writer(outs["--mp4"], fps=8, macro_block_size=1)
     meters = {row: DriftMeter(frames, cfg.block, cfg.shapes) for row in rows} if measure else {}
-    bar = tqdm(total=frames, desc="frames", unit="frame", disable=None)
-    t = 0
-    with torch.no_grad():
-        for blocks in zip(*streams.values()):           # block n of every row, in step
-            blocks = [x[:, :frames - t] for x in blocks]
-            uint8 = {}
-            for row, x in zip(rows, blocks):
-                if row in meters:
-                    meters[row].update(x)
-                uint8[row] = to_uint8(x)
-                if row in npys:
-                    npys[row][:, t:t + x.shape[1]] = uint8[row]
-            if gif or mp4:
-                for fr in grid_frames(uint8, per_row=min(args.num, 4)):
-                    if gif:
-                        gif.append(fr)
-                    if mp4:                             # H.264 (yuv420p) wants even sides
-                        mp4.append_data(np.pad(fr, ((0, fr.shape[0] % 2), (0, fr.shape[1] % 2),
-                                                    (0, 0))))
-            t += blocks[0].shape[1]
-            bar.update(blocks[0].shape[1])
-    bar.close()
-    for arr in npys.values():
-        arr.flush()
-    if gif:
-        gif.close()
-    if mp4:
-        mp4.close()
-    for p in list(outs.values()) + list(npy_paths.values()):
+    t, kept = 0, "no output was written and no file changed"
+    try:
+        with contextlib.ExitStack() as stack:
+            for stream in streams.values():             # a pipeline's stages stop at once
+                stack.callback(stream.close)
+            tmp = {key: stack.enter_context(atomic(p)) for key, p in outs.items()}
+            npys = {row: open_npy(tmp[row], (args.num, frames, cfg.size, cfg.size, 3))
+                    for row in rows if row in tmp}
+            gif = stack.enter_context(GifWriter(tmp["--gif"])) if "--gif" in tmp else None
+            mp4 = None
+            if "--mp4" in tmp:
+                import imageio.v2 as imageio
+                mp4 = stack.enter_context(imageio.get_writer(tmp["--mp4"], format="FFMPEG",
+                                                             fps=8, macro_block_size=1))
+            bar = stack.enter_context(tqdm(total=frames, desc="frames", unit="frame",
+                                           disable=None))
+            stack.enter_context(torch.no_grad())
+            for blocks in zip(*streams.values()):       # block n of every row, in step
+                blocks = [x[:, :frames - t] for x in blocks]
+                uint8 = {}
+                for row, x in zip(rows, blocks):
+                    if row in meters:
+                        meters[row].update(x)
+                    uint8[row] = to_uint8(x)
+                    if row in npys:
+                        npys[row][:, t:t + x.shape[1]] = uint8[row]
+                if gif or mp4:
+                    for fr in grid_frames(uint8, per_row=min(args.num, 4)):
+                        if gif:
+                            gif.append(fr)
+                        if mp4:                         # H.264 (yuv420p) wants even sides
+                            mp4.append_data(np.pad(fr, ((0, fr.shape[0] % 2),
+                                                        (0, fr.shape[1] % 2), (0, 0))))
+                t += blocks[0].shape[1]
+                bar.update(blocks[0].shape[1])
+            for arr in npys.values():
+                arr.flush()
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"at frame {t} of {frames}; {kept}") from None
+    except OSError as e:                                # a full disk
+        raise OSError(e.errno, f"{e.strerror} while writing "
+                      f"{', '.join(map(str, outs.values()))}; {kept}") from None
+    for p in outs.values():
         print(f"wrote {p}")
     if meters:
         print(metric_table({row: m.result() for row, m in meters.items()}))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CLIError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:                               # e.g. the disk filled while writing
-        print(f"error: writing the output failed ({e})", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_cli(main)

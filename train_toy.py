@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -27,8 +29,10 @@ import torch
 from tqdm import tqdm
 
 import hiar
-from sample import (SHIPPED, CLIError, grid_frames, load_checkpoint, make_config,
-                    model_from_checkpoint, pick_device, repo_path, save_gif, to_uint8)
+from sample import (SHIPPED, ArgumentParser, CLIError, atomic, check_checkpoint, check_dir,
+                    check_network, check_number, check_seed, config_diff, grid_frames,
+                    load_checkpoint, make_config, model_from_checkpoint, pick_device, repo_path,
+                    run_cli, same_file, save_gif, to_uint8, write_text)
 
 # ------------------------------------------------------------------------------------------------
 # The training budget and recipe (hiar.Config holds the data, the network and the sampler)
@@ -170,24 +174,26 @@ def parse_overrides(items) -> tuple[dict, dict]:
 # ------------------------------------------------------------------------------------------------
 
 def save_atomic(obj, path: Path):
-    """torch.save to a temp file in the same folder, then rename: a kill never leaves half a
-    file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through sample.atomic: a kill never leaves half a file."""
+    with atomic(path) as tmp:
+        torch.save(obj, tmp)
 
 
-def config_diff(a: dict, b: dict, keys=None) -> list[str]:
-    keys = sorted(set(a) | set(b)) if keys is None else keys
-    norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v     # noqa: E731
-    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if norm(a.get(k)) != norm(b.get(k))]
+def copy_atomic(src: Path, dest: Path):
+    with atomic(dest) as tmp:
+        shutil.copyfile(src, tmp)
 
 
-NETWORK_FIELDS = [f.name for f in dataclasses.fields(hiar.Config)
-                  if f.name not in hiar.SAMPLER_FIELDS]
+def fingerprint(model: hiar.VideoDiT) -> str:
+    """A short hash of a model's weights: which teacher a run's ODE pairs came from."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode() + v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
+
+# The stages of a run directory besides its students (a student's --name may not take one)
+STAGES = ("teacher", "ar_teacher", "ode_pairs", "ar_ode_pairs", "ode_init")
 
 # What the ODE pairs and the ODE init depend on besides the data and network (--init-from).
 ODE_FIELDS = ["batch", "guidance", "ode_pairs", "ode_steps", "ode_shift", "init_steps", "init_lr",
@@ -202,11 +208,12 @@ def train_diff(stamped: dict, tc: TrainConfig, keys=None) -> list[str]:
     return config_diff({**defaults, **stamped}, asdict(tc), keys)
 
 
-def check_network(ck: dict, cfg: hiar.Config, path):
-    """A checkpoint's network and data must be the run's (its sampler fields may differ)."""
-    diff = config_diff(ck["config"], cfg.to_dict(), NETWORK_FIELDS)
-    if diff:
-        raise CLIError(f"{path} was made with a different config ({'; '.join(diff)})")
+def check_recipe(cfg: hiar.Config, tc: TrainConfig):
+    """What TrainConfig alone cannot check: its lengths against the data's blocks."""
+    r = tc.rollout_frames
+    if r and (r % cfg.block or r < cfg.frames):
+        raise ValueError(f"TrainConfig.rollout_frames={r} is invalid: must be 0 (= frames) or a "
+                         f"multiple of block={cfg.block} >= frames={cfg.frames}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,7 +245,7 @@ class Run:
                 raise CLIError(f"run directory {self.path} holds a run with a different "
                                f"config ({'; '.join(diff)}); use another --run-dir")
         else:
-            cfg_file.write_text(json.dumps(resolved, indent=1))
+            write_text(cfg_file, json.dumps(resolved, indent=1))
 
     def ckpt(self, stage: str) -> Path:
         return self.path / f"{stage}.pt"
@@ -292,8 +299,10 @@ def train_loop(run: Run, stage: str, steps: int, modules: dict, step_fn, every: 
         bad = [k for k, v in last.items() if not math.isfinite(v)]
         if bad:
             bar.close()
-            raise CLIError(f"stage {stage}: {bad[0]}={last[bad[0]]} at step {step}; "
-                           f"stopped, the last good checkpoint is {path}")
+            kept = (f"the last good checkpoint is {path}" if path.exists() else
+                    "no checkpoint of it was saved")
+            raise CLIError(f"stage {stage}: {bad[0]}={last[bad[0]]} at step {step}; stopped, "
+                           + kept)
         bar.update({k: f"{v:.4g}" for k, v in last.items()})
         run.log({"stage": stage, "step": step, **last})              # every step: the curves
         if (step + 1) % every == 0 and step + 1 < steps:
@@ -472,11 +481,12 @@ def make_ode_pairs(run: Run, teacher: hiar.VideoDiT, stage: str = "ode_pairs") -
         bar.update(n=B)
     bar.close()
     states, finals = torch.cat(states), torch.cat(finals)     # (M, K, T, 3, H, W), (M, T, …)
-    if not torch.isfinite(states).all():
+    if not (torch.isfinite(states).all() and torch.isfinite(finals).all()):
         raise CLIError(f"stage {stage}: the teacher produced non-finite values; nothing saved")
     save_atomic({"states": states, "x0": finals, "label": torch.cat(labels),
                  "sigmas": torch.tensor(sig), **({"data": torch.cat(data)} if causal else {}),
-                 **run.stamp(stage), "done": True}, run.ckpt(stage))
+                 **run.stamp(stage, {"teacher": fingerprint(teacher)}), "done": True},
+                run.ckpt(stage))
     took = time.time() - t0
     print(f"[{stage}] done: {len(finals)} trajectories in {took / 60:.1f} min")
     run.log({"stage": stage, "event": "done", "seconds": took})
@@ -689,53 +699,85 @@ def stage_gif(run: Run, name: str, model: hiar.VideoDiT, teacher: bool = False, 
 # ------------------------------------------------------------------------------------------------
 
 def resolve_students(args, cfg: hiar.Config, tc: TrainConfig) -> list[tuple]:
-    """[(stage name, order, fkl weight, context level)] from --students / --order / … flags."""
-    if args.order or args.fkl_weight is not None or args.context_t:
-        order = args.order or "step"
-        lam = tc.fkl_weight if args.fkl_weight is None else args.fkl_weight
-        if lam < 0 or not math.isfinite(lam):
-            raise CLIError(f"--fkl-weight {lam}: must be a number >= 0")
-        if order == "block" and args.context_t not in (None, "clean"):
-            raise CLIError(f"--context-t {args.context_t}: the block-major order's context is "
-                           "always clean; drop --context-t or use --order step")
-        ctx = args.context_t or (cfg.context_t if order == "step" else "clean")
-        return [(args.name or f"student_{order}_fkl{lam:g}_{ctx}", order, lam, ctx)]
+    """[(stage name, order, fkl weight, context level)]: the named --students (default
+    hiar,self_forcing unless a custom student is asked for), then the custom student of
+    --order / --fkl-weight / --context-t / --name, if any."""
+    custom = args.order or args.fkl_weight is not None or args.context_t or args.name
+    names = args.students if args.students is not None else "" if custom else "hiar,self_forcing"
     out = []
-    for name in filter(None, args.students.split(",")):
+    for name in filter(None, names.split(",")):
         if name not in VARIANTS:
             raise CLIError(f"--students: unknown student {name!r}; known: {sorted(VARIANTS)}")
         order, lam, ctx = VARIANTS[name]
         out.append((name, order, tc.fkl_weight if lam is None else lam, ctx or cfg.context_t))
+    if custom:
+        order = args.order or "step"
+        lam = tc.fkl_weight if args.fkl_weight is None else args.fkl_weight
+        check_number("--fkl-weight", lam, 0)
+        if order == "block" and args.context_t not in (None, "clean"):
+            raise CLIError(f"--context-t {args.context_t}: the block-major order's context is "
+                           "always clean; drop --context-t or use --order step")
+        ctx = args.context_t or (cfg.context_t if order == "step" else "clean")
+        name = args.name or f"student_{order}_fkl{lam:g}_{ctx}"
+        if not re.fullmatch(r"[A-Za-z0-9][\w-]*", name) or re.search(r"_ema\d+$", name):
+            raise CLIError(f"--name {name}: must be a plain name (letters, digits, _ and -; "
+                           "not ending in _ema<step>, the snapshots' names)")
+        if name in STAGES or name in VARIANTS:
+            raise CLIError(f"--name {name}: is the name of a stage; choose another "
+                           f"(taken: {', '.join(STAGES + tuple(VARIANTS))})")
+        out.append((name, order, lam, ctx))
     return out
 
 
-def init_diff(ck: dict, run: Run) -> list[str]:
-    """How an ODE-pairs / ODE-init checkpoint differs from what this run would make."""
-    return (config_diff(ck["config"], run.cfg.to_dict())
-            + train_diff(ck.get("train", {}), run.tc, ODE_FIELDS))
+def check_students(run_dir: Path, students: list[tuple]):
+    """A student already in the run directory must be the one asked for (its stage would be
+    taken as done)."""
+    for name, order, lam, ctx in students:
+        path = run_dir / f"{name}.pt"
+        if path.exists():
+            ck = load_checkpoint(path)
+            diff = config_diff({k: ck.get(k) for k in ("order", "fkl_weight", "context_t")},
+                               dict(order=order, fkl_weight=lam, context_t=ctx))
+            if diff:
+                raise CLIError(f"{path} holds another student ({'; '.join(diff)}); use another "
+                               "--name or --run-dir")
 
 
-def share_init(run: Run, src: Path):
-    """--init-from: take the finished ODE pairs and ODE init of another run directory (same data,
-    network, sampler and ODE settings), so students of several seeds or DMD recipes start from one
-    ODE init. The files are hard-linked (copied where links are impossible)."""
+def init_diff(ck: dict, cfg: hiar.Config, tc: TrainConfig) -> list[str]:
+    """How an ODE-pairs / ODE-init checkpoint differs from what a run of `cfg`, `tc` makes."""
+    return config_diff(ck["config"], cfg.to_dict()) + train_diff(ck.get("train", {}), tc,
+                                                                  ODE_FIELDS)
+
+
+def init_from(src: Path, cfg: hiar.Config, tc: TrainConfig, run_dir: Path) -> list[tuple]:
+    """--init-from: the finished ODE pairs and ODE init of another run directory (same data,
+    network, sampler and ODE settings), so students of several seeds or DMD recipes start from
+    one ODE init; checked → [(its file, the run's)] for share_init to link."""
+    files = []
     for stage in ("ode_pairs", "ode_init"):
-        s_path, d_path = src / f"{stage}.pt", run.ckpt(stage)
+        s_path, d_path = src / f"{stage}.pt", run_dir / f"{stage}.pt"
         if not s_path.is_file():
             raise CLIError(f"--init-from {src}: no {stage}.pt there")
         ck = load_checkpoint(s_path)
-        diff = init_diff(ck, run)
+        diff = init_diff(ck, cfg, tc)
         if not ck.get("done") or diff:
             why = "is not finished" if not ck.get("done") else f"differs ({'; '.join(diff)})"
             raise CLIError(f"--init-from {src}: its {stage}.pt {why}")
-        if d_path.exists():
-            if d_path.samefile(s_path):
-                continue
+        if d_path.exists() and not d_path.samefile(s_path):
             raise CLIError(f"--init-from {src}: {d_path} exists already; use another --run-dir")
+        files.append((s_path, d_path))
+    return files
+
+
+def share_init(files: list[tuple]):
+    """init_from's files hard-linked into the run (copied where links are impossible)."""
+    for s_path, d_path in files:
+        if d_path.exists():
+            continue
         try:
             os.link(s_path, d_path)
         except OSError:
-            shutil.copyfile(s_path, d_path)
+            copy_atomic(s_path, d_path)
 
 
 def adopt_shipped_init(run: Run) -> bool:
@@ -747,7 +789,7 @@ def adopt_shipped_init(run: Run) -> bool:
     if not path.is_file() or run.ckpt("ode_init").exists():
         return False
     ck = load_checkpoint(path)
-    if init_diff(ck, run) or ck.get("seed") != run.seed:
+    if init_diff(ck, run.cfg, run.tc) or ck.get("seed") != run.seed:
         return False
     save_atomic({**ck, "model": {k: v.float() for k, v in ck["model"].items()}, "done": True,
                  "shipped": repo_path(path)}, run.ckpt("ode_init"))
@@ -756,17 +798,29 @@ def adopt_shipped_init(run: Run) -> bool:
     return True
 
 
+def check_teacher(path: Path, cfg: hiar.Config, pairs: Path | None):
+    """--teacher: a teacher of the run's network and, where the run has ODE pairs already (its
+    own or --init-from's), the teacher they came from."""
+    ck = load_checkpoint(path)
+    check_checkpoint(ck, path, "--teacher", ("teacher",), cfg)
+    made_by = load_checkpoint(pairs).get("teacher") if pairs else None
+    if made_by not in (None, fingerprint(model_from_checkpoint(ck, path, "ema"))):
+        raise CLIError(f"{pairs} came from another teacher than {path}; distil from that one "
+                       "or use another --run-dir")
+
+
 def load_teacher(run: Run, from_scratch: bool, path) -> hiar.VideoDiT:
+    """The teacher to distil from: --teacher's, or (from scratch) the run's own, trained and
+    shown in a GIF (made again if a kill lost it)."""
     if from_scratch:
         if not run.done("teacher"):
             train_teacher(run)
-            model = model_from_checkpoint(load_checkpoint(run.ckpt("teacher")),
-                                          run.ckpt("teacher"), "ema").to(run.device)
-            stage_gif(run, "teacher", model, teacher=True)
         path = run.ckpt("teacher")
     ck = load_checkpoint(path)
     check_network(ck, run.cfg, path)
     teacher = model_from_checkpoint(ck, path, "ema").to(run.device)
+    if from_scratch and not path.with_suffix(".gif").exists():
+        stage_gif(run, "teacher", teacher, teacher=True)
     return teacher.eval().requires_grad_(False)
 
 
@@ -790,42 +844,58 @@ def ship(run: Run, stage: str, dest: Path, command: str):
     save_atomic(small, Path(dest) / f"{name}.pt")
     print(f"shipped {Path(dest) / f'{name}.pt'}")
     if stage == "teacher" and run.ckpt("teacher").with_suffix(".gif").exists():
-        shutil.copyfile(run.ckpt("teacher").with_suffix(".gif"), Path(dest) / "teacher.gif")
+        copy_atomic(run.ckpt("teacher").with_suffix(".gif"), Path(dest) / "teacher.gif")
 
 
 def run_all(args) -> Run:
+    # every argument is checked before a file is written or a stage trained
     if args.preset not in hiar.PRESETS:
         raise CLIError(f"--preset {args.preset!r}: choose one of {sorted(hiar.PRESETS)}")
+    check_seed("--seed", args.seed)
     model_over, train_over = parse_overrides(args.set)
     try:
         cfg = make_config(args.preset, **model_over)
         tc = TrainConfig(**{**TRAIN_PRESETS[args.preset], **train_over})
+        check_recipe(cfg, tc)
     except ValueError as e:
         raise CLIError(f"--set: {e}") from None
     dev = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    run = Run(Path(args.run_dir or f"runs/{args.preset}_s{args.seed}"), cfg, tc, dev, args.seed)
+    run_dir = Path(args.run_dir or f"runs/{args.preset}_s{args.seed}")
     students = resolve_students(args, cfg, tc)
+    check_students(run_dir, students)
+    init_files = []
     if args.init_from:
         src = Path(args.init_from)
         if args.from_scratch:
             raise CLIError("--init-from: the shared ODE init comes with its teacher; "
                            "drop --from-scratch")
-        share_init(run, src)
+        init_files = init_from(src, cfg, tc, run_dir)
         if not args.teacher and (src / "teacher.pt").is_file():
             args.teacher = str(src / "teacher.pt")     # the teacher that ODE init came from
     teacher_path = Path(args.teacher) if args.teacher else SHIPPED / "teacher.pt"
     if not args.from_scratch and not args.teacher and args.preset != "toy":
         args.from_scratch = True         # no shipped teacher for other presets: train one
-    if not args.from_scratch and not teacher_path.exists():
-        raise CLIError(f"--teacher {teacher_path}: no such file; pass --teacher PATH or "
-                       "--from-scratch")
+    if not args.from_scratch:
+        if not teacher_path.exists():
+            raise CLIError(f"--teacher {teacher_path}: no such file; pass --teacher PATH or "
+                           "--from-scratch")
+        pairs = run_dir / "ode_pairs.pt"                # the run's, else --init-from's, if any
+        if not pairs.exists():
+            pairs = init_files[0][0] if init_files else None
+        check_teacher(teacher_path, cfg, pairs)
+    if args.ship:
+        if same_file(args.ship, run_dir):
+            raise CLIError(f"--ship {args.ship}: is the run directory; ship to another")
+        check_dir("--ship", args.ship)
+    torch.manual_seed(args.seed)
+    run = Run(run_dir, cfg, tc, dev, args.seed)
+    share_init(init_files)
     print(f"run {run.path} on {dev}, preset {args.preset}, seed {args.seed}, "
           f"students {[s[0] for s in students]}")
-    times = {}
+    times, gifs = {}, []
+    teacher = load_teacher(run, args.from_scratch, teacher_path)
     if not args.from_scratch and not args.init_from and not args.teacher:
         adopt_shipped_init(run)
-    teacher = load_teacher(run, args.from_scratch, teacher_path)
     if args.teacher_only:
         if args.ship and args.from_scratch:
             ship(run, "teacher", Path(args.ship), "python train_toy.py " + " ".join(sys.argv[1:]))
@@ -833,8 +903,7 @@ def run_all(args) -> Run:
     if not run.done("ode_pairs"):
         times["ode_pairs"] = make_ode_pairs(run, teacher)
     pairs = load_checkpoint(run.ckpt("ode_pairs"))
-    trained_init = not run.done("ode_init")
-    if trained_init:
+    if not run.done("ode_init"):
         start, init_pairs = teacher, pairs
         if tc.init_teacher == "causal":              # Causal Forcing: AR teacher, its own pairs
             if not run.done("ar_teacher"):
@@ -845,22 +914,26 @@ def run_all(args) -> Run:
                 times["ar_ode_pairs"] = make_ode_pairs(run, start, "ar_ode_pairs")
             init_pairs = load_checkpoint(run.ckpt("ar_ode_pairs"))
         times["ode_init"] = train_ode_init(run, start, init_pairs)
-    init = model_from_checkpoint(load_checkpoint(run.ckpt("ode_init")),
-                                 run.ckpt("ode_init")).to(dev)
-    if trained_init:
-        stage_gif(run, "ode_init", init)
+    init_ck = load_checkpoint(run.ckpt("ode_init"))
+    init = model_from_checkpoint(init_ck, run.ckpt("ode_init")).to(dev)
+    own_init = not args.init_from and not init_ck.get("shipped")   # a shared or shipped one
+    #                                                                 is shown and shipped there
+    if own_init and not (run.path / "ode_init.gif").exists():       # also after a kill mid-GIF
+        gifs.append(stage_gif(run, "ode_init", init))
     for name, order, lam, ctx in students:
         if not run.done(name):
             times[name] = train_dmd(run, name, teacher, init, pairs, order, lam, ctx)
-            stage_gif(run, name, model_from_checkpoint(load_checkpoint(run.ckpt(name)),
-                                                       run.ckpt(name), "ema").to(dev))
+        if not (run.path / f"{name}.gif").exists():
+            gifs.append(stage_gif(run, name, model_from_checkpoint(
+                load_checkpoint(run.ckpt(name)), run.ckpt(name), "ema").to(dev)))
     if times:
         print("stage times (min): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()))
+    elif gifs:
+        print(f"every stage was finished; made the missing {', '.join(p.name for p in gifs)}")
     else:
         print(f"nothing to do: every stage of {run.path} is finished")
     if args.ship:
         command = "python train_toy.py " + " ".join(sys.argv[1:])
-        own_init = not args.init_from and not load_checkpoint(run.ckpt("ode_init")).get("shipped")
         shared = ["ode_init"] if own_init else []   # a shared or shipped one is not shipped again
         if own_init and tc.init_teacher == "causal":
             shared.insert(0, "ar_teacher")
@@ -870,8 +943,8 @@ def run_all(args) -> Run:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="toy", help=f"config preset: {sorted(hiar.PRESETS)}")
     p.add_argument("--run-dir", default=None, help="run directory (default runs/<preset>_s<seed>)")
     p.add_argument("--seed", type=int, default=0)
@@ -882,15 +955,18 @@ def parse_args(argv=None):
     p.add_argument("--teacher", default=None,
                    help="teacher checkpoint to distil from (default checkpoints/teacher.pt)")
     p.add_argument("--teacher-only", action="store_true", help="stop after the teacher")
-    p.add_argument("--students", default="hiar,self_forcing",
-                   help=f"named students to train, comma-separated: {sorted(VARIANTS)}")
+    p.add_argument("--students", default=None,
+                   help=f"named students to train, comma-separated: {sorted(VARIANTS)} (default "
+                        "hiar,self_forcing; none when a custom student is asked for alone)")
     p.add_argument("--order", choices=["block", "step"], default=None,
-                   help="train one custom student with this sampler order (ablations)")
+                   help="train one custom student with this sampler order (ablations), after "
+                        "the --students named")
     p.add_argument("--fkl-weight", type=float, default=None,
                    help="forward-KL weight λ of the custom student (0 = off)")
     p.add_argument("--context-t", choices=list(hiar.CONTEXT_LEVELS), default=None,
                    help="context level of the custom student: current=t_j, next=t_{j+1}, clean")
-    p.add_argument("--name", default=None, help="stage name of the custom student")
+    p.add_argument("--name", default=None, help="stage name of the custom student (not a "
+                   "stage's or a named student's)")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="reuse the finished ODE pairs and ODE init of this run directory (and "
                         "its teacher.pt if it has one): students of several seeds share one init")
@@ -906,11 +982,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except CLIError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
+    run_cli(main, "rerun the same command to resume")

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import hiar  # noqa: E402
+import sample  # noqa: E402
 
 
 def _sync(dev):
@@ -194,7 +195,7 @@ def sample_cli(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = sample.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="toy")
     p.add_argument("--batch", type=int, default=8, help="videos generated together")
     p.add_argument("--blocks", type=int, default=16, help="blocks per video (N) in part 1")
@@ -204,10 +205,14 @@ def main(argv=None):
     p.add_argument("--only", choices=["throughput", "stream", "cli"], default=None)
     p.add_argument("--probe", nargs=2, metavar=("FRAMES", "SAMPLER"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    sample.check(args.preset in hiar.PRESETS, "--preset", args.preset,
+                 f"choose one of {sorted(hiar.PRESETS)}")
+    for flag in ("batch", "blocks", "repeats", "threads"):
+        sample.check_int(f"--{flag}", getattr(args, flag))
     if args.probe:
         return probe(args)
     cfg = hiar.Config.preset(args.preset)
-    dev = torch.device(args.device)
+    dev = sample.pick_device(args.device)
     print(f"# scripts/bench.py: preset {args.preset}, {dev.type}, torch {torch.__version__}\n")
     if args.only in (None, "throughput"):
         throughput(args, cfg, dev)
@@ -218,4 +223,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sample.run_cli(main)

@@ -167,7 +167,7 @@ def load_evidence(path: Path) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = sample.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds")
     p.add_argument("--num", type=int, default=8, help="videos per seed")
     p.add_argument("--short", type=int, default=8, help="short length, × the training length")
@@ -185,9 +185,18 @@ def main(argv=None):
     p.add_argument("--table-only", action="store_true",
                    help="rebuild the tables from --out's evidence.json without sampling")
     args = p.parse_args(argv)
-    out, ckdir = Path(args.out), Path(args.ckpt_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        sample.check_seed("--seeds", seed)
+    for flag in ("num", "short", "long", "threads"):
+        sample.check_int(f"--{flag}", getattr(args, flag))
+    picked = [i for i in (args.rows or "").split(",") if i]
+    for i in picked:
+        sample.check(i.isdigit() and int(i) < len(ROWS), "--rows", args.rows,
+                     f"indices into ROWS, 0..{len(ROWS) - 1}, comma-separated")
+    out, ckdir = sample.check_dir("--out", args.out), Path(args.ckpt_dir)
     if args.table_only:
+        if not (out / "evidence.json").is_file():
+            raise sample.CLIError(f"--table-only: no {out / 'evidence.json'} to rebuild from")
         return write_tables(load_evidence(out / "evidence.json"), out)
     torch.set_num_threads(args.threads)
     print(f"evidence: about 40 min on a 2-core CPU for every row; writing into {out}", flush=True)
@@ -200,8 +209,13 @@ def main(argv=None):
                 models[ck] = sample.load_student(str(ckdir / f"{ck}.pt"), "cpu")[0]
                 cfg = models[ck].cfg
     if cfg is None:
-        raise SystemExit(f"no checkpoints of these rows in {ckdir}")
+        raise sample.CLIError(f"--ckpt-dir {ckdir}: no checkpoints of these rows there")
     lengths = [args.short * cfg.frames, args.long * cfg.frames]
+    sample.check(lengths[0] >= 5 * cfg.block, "--short", args.short,   # the meters' 5 segments
+                 f"too short for 5 segments of a block: >= {-(-5 * cfg.block // cfg.frames)}")
+    sample.check(lengths[1] >= max(lengths[0], CURVE_POINTS * cfg.block), "--long", args.long,
+                 f"must be >= --short and >= {-(-CURVE_POINTS * cfg.block // cfg.frames)} "
+                 f"(the curves' {CURVE_POINTS} points)")
     frames = lengths[-1]
     if not rows:                                    # --rows "": the GIF alone
         return side_by_side_gif(models, cfg, frames, out / "drift_40x.gif")
@@ -237,7 +251,7 @@ def main(argv=None):
         print(f"done {row.label}", flush=True)
     order = ["data"] + [r.label for r in ROWS]
     ev["rows"] = {k: ev["rows"][k] for k in order if k in ev["rows"]}
-    (out / "evidence.json").write_text(json.dumps(ev, indent=1))
+    sample.write_text(out / "evidence.json", json.dumps(ev, indent=1))
     write_tables(ev, out)
     if args.gif:
         side_by_side_gif(models, cfg, frames, out / "drift_40x.gif")
@@ -264,11 +278,12 @@ def write_tables(ev: dict, out: Path):
     docs/quality.json, scripts/quality.py's numbers at 1× and 8×, where it exists)."""
     args = argparse.Namespace(**ev["args"])
     full, summary = tables(ev, args)
-    (out / "evidence.md").write_text(full)
-    (out / "evidence_summary.md").write_text(summary)
+    sample.write_text(out / "evidence.md", full)
+    sample.write_text(out / "evidence_summary.md", summary)
     q = out / "quality.json" if (out / "quality.json").exists() else ROOT / "docs" / "quality.json"
-    (out / "claims.md").write_text(claims(ev, json.loads(q.read_text()) if q.exists() else {}))
-    (out / "long_videos.md").write_text(long_videos(ev))
+    quality = json.loads(q.read_text()) if q.exists() else {}
+    sample.write_text(out / "claims.md", claims(ev, quality))
+    sample.write_text(out / "long_videos.md", long_videos(ev))
     print(summary)
 
 
@@ -474,9 +489,10 @@ def plot_curves(ev: dict, path: Path, frames: int, train_frames: int):
         ax.set_xlabel("time (× training length)")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    with sample.atomic(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main()
+    sample.run_cli(main)

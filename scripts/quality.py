@@ -22,7 +22,6 @@ their training seeds. Writes the tables to --out (markdown) and the numbers besi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -140,15 +139,15 @@ def fmt(d: dict | None, keys=COLUMNS) -> list[str]:
     return [f"{d[k]:.3f}" if k in d else "–" for k in keys]
 
 
-def check_args(args) -> list[tuple[str, str]]:
-    """Every argument checked before any work (one-line errors); returns the rows to measure."""
+def check_args(args, cfg: hiar.Config) -> list[tuple[str, str]]:
+    """Every argument checked before any work (one-line errors); returns the rows to measure,
+    each a student of the teacher's network `cfg`."""
     for flag in ("num", "long", "threads"):
-        if getattr(args, flag) < 1:
-            raise sample.CLIError(f"--{flag} {getattr(args, flag)}: must be >= 1")
-    if any(s < 0 for s in args.seeds):
-        raise sample.CLIError(f"--seeds {args.seeds}: sampling seeds must be >= 0")
-    if any(not w > 0 for w in args.guidance):
-        raise sample.CLIError(f"--guidance {args.guidance}: every scale must be > 0")
+        sample.check_int(f"--{flag}", getattr(args, flag))
+    for seed in args.seeds:
+        sample.check_seed("--seeds", seed)
+    for w in args.guidance:
+        sample.check_number("--guidance", w, 0, above=True)
     if args.ckpt is None:
         rows = shipped_rows()
     else:
@@ -159,10 +158,14 @@ def check_args(args) -> list[tuple[str, str]]:
             name, _, order = c.rpartition(":")
             if not name or order not in ("block", "step"):
                 raise sample.CLIError(f"--ckpt {c}: expected PATH:ORDER, ORDER block or step")
-            sample.resolve_ckpt(name)                   # exists, or a shipped student's name
+            path = sample.resolve_ckpt(name)           # exists, or a shipped student's name
+            sample.check_checkpoint(sample.load_checkpoint(path), path, "--ckpt", like=cfg)
             rows.append((name, order))
-    if args.out:
-        sample._writable(args.out, "--out")
+    if args.out:                     # the table and its numbers: two files, neither an input
+        sample.check_outputs({f"--out {args.out}": args.out,
+                              f"--out's numbers {Path(args.out).with_suffix('.json')}":
+                              Path(args.out).with_suffix(".json")},
+                             {f"--ckpt {n}": sample.resolve_ckpt(n) for n, _ in rows})
     return rows
 
 
@@ -219,7 +222,7 @@ def tables(out: dict, cfg: hiar.Config) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = sample.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num", type=int, default=64, help="clips per row and sampling seed")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds")
     p.add_argument("--long", type=int, default=8, help="the long length, × the training length")
@@ -230,10 +233,10 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the table (markdown) and a .json here")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
-    rows = check_args(args)
-    torch.set_num_threads(args.threads)
     t_ck = sample.load_checkpoint(sample.SHIPPED / "teacher.pt")
     cfg = hiar.Config(**t_ck["config"])
+    rows = check_args(args, cfg)
+    torch.set_num_threads(args.threads)
     ode_shift = float(t_ck.get("train", {}).get("ode_shift", 8.0))
     teacher = sample.model_from_checkpoint(t_ck, "teacher", "ema").eval()
     long = args.long * cfg.frames
@@ -245,8 +248,8 @@ def main(argv=None):
         for seed in args.seeds:
             video = make(seed)
             one.append(measure(video[:, :cfg.frames], label, cfg))
-            lng.append(measure(video, label, cfg) if video.shape[1] > cfg.frames else None)
-        return mean_of(one), (mean_of(lng) if lng[0] else None)
+            lng.append(measure(video, label, cfg))      # --long 1: the 1× clip
+        return mean_of(one), mean_of(lng)
 
     data = dict(zip(("1x", "long"), over_seeds(lambda s: data_video(cfg, args.num, long, s))))
     out["rows"]["data"] = data
@@ -259,7 +262,7 @@ def main(argv=None):
         out["rows"][f"teacher, CFG {w:g}"] = {"1x": teachers[w], "long": None}
         print(f"teacher CFG {w:g}: {teachers[w]}", flush=True)
     for name, order in rows:
-        model, meta = sample.load_student(name, "cpu")
+        model, meta = sample.load_student(name, "cpu", like=cfg)
         ck = sample.load_checkpoint(sample.resolve_ckpt(name))
         level = sample.trained_level(meta, cfg)
         one, lng = over_seeds(lambda s: student_video(model, order, cfg, args.num, long, s,
@@ -275,8 +278,8 @@ def main(argv=None):
     text = tables(out, cfg)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
-        Path(args.out).with_suffix(".json").write_text(json.dumps(out, indent=1))
+        sample.write_text(args.out, text + "\n")
+        sample.write_text(Path(args.out).with_suffix(".json"), json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

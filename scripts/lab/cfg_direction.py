@@ -10,7 +10,6 @@ docs/lab/distillation.md reads it against where the students' grounds go.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -34,13 +33,18 @@ def background_mean(d, x0, label, labels: int) -> list[list[float]]:
 
 @torch.no_grad()
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = sample.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num", type=int, default=32, help="clips (labels in turn)")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--sigmas", type=float, nargs="+",
                    default=[0.98, 0.95, 0.85, 0.8, 0.75, 0.6, 0.4, 0.1])
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    sample.check_int("--num", args.num)
+    sample.check_int("--threads", args.threads)
+    sample.check_number("--guidance", args.guidance, 0, above=True)
+    for sigma in args.sigmas:
+        sample.check_number("--sigmas", sigma, 0, 1)
     torch.set_num_threads(args.threads)
     t_ck = sample.load_checkpoint(sample.SHIPPED / "teacher.pt")
     cfg = hiar.Config(**t_ck["config"])
@@ -62,4 +66,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sample.run_cli(main)

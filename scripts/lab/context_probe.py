@@ -13,14 +13,13 @@ denoises block N − 1 in its K steps (noise from hiar.Noise, one seed per clip)
 
 A student that copies its context stays near the teacher's jump; a systematic per-block offset
 shows as a larger one, and in a free rollout it compounds from block to block. The second table
-is that free rollout (1×, the student's own order, its own context; quality.py's clips): blobs
-per frame in each block, the mean ground step between neighbouring blocks and the change from
-the first block to the last. Their ratio tells a random wander (about √(N − 1) = 1.7 for 4
-blocks) from a steady slide (N − 1 = 3).
+is that free rollout (1×, the student's own order and trained context level, its own context;
+quality.py's clips): blobs per frame in each block, the mean ground step between neighbouring
+blocks and the change from the first block to the last. Their ratio tells a random wander
+(about √(N − 1) = 1.7 for 4 blocks) from a steady slide (N − 1 = 3).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -85,7 +84,7 @@ def ar_rollout(ar_teacher: hiar.VideoDiT, eps, label, steps: int, shift: float, 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = sample.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", nargs="*", default=None, metavar="PATH",
                    help="students to probe (default: ODE init and the shipped students)")
     p.add_argument("--ar-teacher", default=None, metavar="PATH",
@@ -95,15 +94,18 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     for flag in ("num", "threads"):
-        if getattr(args, flag) < 1:
-            raise sample.CLIError(f"--{flag} {getattr(args, flag)}: must be >= 1")
-    names = args.ckpt if args.ckpt is not None else ["ode_init"] + [
-        q.stem for q in sorted(sample.SHIPPED.glob("*_s[0-9].pt"))]
-    for name in names:
-        sample.resolve_ckpt(name)                          # exists, or a shipped student's name
-    torch.set_num_threads(args.threads)
+        sample.check_int(f"--{flag}", getattr(args, flag))
     t_ck = sample.load_checkpoint(sample.SHIPPED / "teacher.pt")
     cfg = hiar.Config(**t_ck["config"])
+    names = args.ckpt if args.ckpt is not None else ["ode_init"] + [
+        q.stem for q in sorted(sample.SHIPPED.glob("*_s[0-9].pt"))]
+    for name in names:                  # a student of the teacher's network (shipped or a path)
+        path = sample.resolve_ckpt(name)
+        sample.check_checkpoint(sample.load_checkpoint(path), path, "--ckpt", like=cfg)
+    if args.ar_teacher:
+        sample.check_checkpoint(sample.load_checkpoint(args.ar_teacher), args.ar_teacher,
+                                "--ar-teacher", ("ar_teacher",), cfg)
+    torch.set_num_threads(args.threads)
     teacher = sample.model_from_checkpoint(t_ck, "teacher", "ema").eval()
     label = labels_for(cfg, args.num)
     clips = teacher_video(teacher, cfg, args.num, 3.0, float(t_ck["train"]["ode_shift"]))
@@ -128,14 +130,15 @@ def main(argv=None):
             ar_rollout(ar, eps, label, TEACHER_STEPS, shift, 3.0), b, cfg.shapes)))
     for name in names:
         shown = "/".join(Path(name).parts[-2:])             # a run's snapshot: run/file
-        model, meta = sample.load_student(name, "cpu")
+        model, meta = sample.load_student(name, "cpu", like=cfg)
         noise = hiar.Noise(cfg, range(args.num))
         r = jump_and_blobs(context[:, -b:], next_block(model, context, label, noise), cfg.shapes)
         print(f"| {shown} | {r['jump']:.4f} | {r['blobs']:.3f} |", flush=True)
         for order in [meta["order"]] if "order" in meta else ["block", "step"]:  # ODE init: both
+            level = sample.trained_level(meta, cfg)       # as sample.py and quality.py
             free.append((f"{shown}, {order}-major",
-                         per_block(student_video(model, order, cfg, args.num, cfg.frames), b,
-                                   cfg.shapes)))
+                         per_block(student_video(model, order, cfg, args.num, cfg.frames,
+                                                 context_t=level), b, cfg.shapes)))
     print("\nFree rollouts (1×, own order and context)\n\n| row | blobs / frame by block | "
           "ground step | first → last | ratio |\n|---|---|---|---|---|")
     for name, r in [("teacher (CFG 3)", per_block(clips, b, cfg.shapes))] + free:

@@ -16,6 +16,10 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import sample  # noqa: E402
+
 COLUMNS = ("bg_change", "blobs", "value", "radius")
 LONG = ("spread_min", "in_range")
 
@@ -40,7 +44,12 @@ def rows(path: Path) -> list[str]:
 
 
 def main(paths):
+    if not paths:
+        raise sample.CLIError("give quality.json files (scripts/quality.py --out), one a lever")
     paths = [Path(p) for p in paths]
+    for p in paths:
+        if not p.is_file():
+            raise sample.CLIError(f"{p}: no such file")
     first = json.loads(paths[0].read_text())
     print(f"Lever runs on scripts/quality.py's measure ({first['num']} clips, sampling seed 0; "
           f"long = {first['long']}×). Reference rows:\n")
@@ -60,4 +69,4 @@ def main(paths):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sample.run_cli(lambda: main(sys.argv[1:]))

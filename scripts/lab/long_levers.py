@@ -14,7 +14,6 @@ comparable to that row's sampling seed 0 in docs/evidence.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -45,7 +44,7 @@ def parse(spec: str) -> tuple[str, str, bool, str | None]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = sample.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("rows", nargs="+", metavar="PATH:ORDER[:sink][:LEVEL]")
     p.add_argument("--num", type=int, default=8, help="videos per row")
     p.add_argument("--out", default=None, help="also write the numbers here (json)")
@@ -53,15 +52,17 @@ def main(argv=None):
     p.add_argument("--lengths", type=int, nargs="+", default=[8, 40],
                    help="lengths to measure, × the training length")
     args = p.parse_args(argv)
-    if args.num < 1 or args.threads < 1:
-        raise sample.CLIError("--num and --threads must be >= 1")
+    sample.check_int("--num", args.num)
+    sample.check_int("--threads", args.threads)
     if min(args.lengths) < 2:                   # evidence.py's drift meters need 5 blocks
         raise sample.CLIError(f"--lengths {min(args.lengths)}: must be >= 2 (× the training "
                               "length)")
     mults = sorted(set(args.lengths))
     rows = [parse(s) for s in args.rows]
     if args.out:
-        sample._writable(args.out, "--out")
+        sample.check_outputs({f"--out {args.out}": args.out},
+                             {spec: sample.resolve_ckpt(path) for spec, (path, *_) in
+                              zip(args.rows, rows)})
     torch.set_num_threads(args.threads)
     out = {}
     for path, order, sink, level in rows:
@@ -89,7 +90,7 @@ def main(argv=None):
                  for L in lengths]
         print(f"| {key} | " + " | ".join(cells) + " |", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1))
+        sample.write_text(args.out, json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Writes docs/lab/toy_report.md.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -122,14 +121,19 @@ def shown(path) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = sample.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--teacher", default=str(ROOT / "checkpoints" / "teacher.pt"))
     p.add_argument("--num", type=int, default=256, help="clips per measurement")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--out", default=str(ROOT / "docs" / "lab" / "toy_report.md"))
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
+    sample.check_int("--num", args.num, 2)
+    sample.check_number("--guidance", args.guidance, 0, above=True)
     ck = sample.load_checkpoint(args.teacher)
+    sample.check_checkpoint(ck, args.teacher, "--teacher", ("teacher",))
+    sample.check_outputs({f"--out {args.out}": args.out},
+                         {f"--teacher {args.teacher}": args.teacher})
+    torch.set_num_threads(2)
     teacher = sample.model_from_checkpoint(ck, args.teacher, "ema").eval()
     cfg = teacher.cfg
     out = [f"# Toy report: the teacher against the data, and the schedule\n",
@@ -170,10 +174,9 @@ def main(argv=None):
         table, _ = teacher_vs_data(teacher, cfg, args.num // 2, args.guidance, shift, steps=48)
         out.append(table + "\n")
         print(table, flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(out) + "\n")
+    sample.write_text(args.out, "\n".join(out) + "\n")
     print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    sample.run_cli(main)
