@@ -2236,7 +2236,7 @@ def smoke_files(folder: Path, **stages):
         torch.save({**ck, "stage": stage}, folder / name)
 
 
-SAMPLE_ROWS = [   # (issue row, command, exit status, stderr line (regex prefix), condition)
+SAMPLE_ROWS = [   # (row, command, exit status, stderr line (regex prefix), condition)
     ("1", "--sampler step --frames 7 -n 1 --gif X --npy X", 2,
      "error: --npy X: is also --gif X; give each output its own file", None),
     ("2", "--sampler step --frames 3000 -n 2 --gif '' --npy v.npy", 1,
@@ -2286,7 +2286,7 @@ SAMPLE_ROWS = [   # (issue row, command, exit status, stderr line (regex prefix)
                          ids=[f"{row_id(r[0])}: {r[1]}" for r in SAMPLE_ROWS])
 def test_sample_cli_table(tmp_path, monkeypatch, capsys, forwards, row, command, want_code,
                           want_line, condition):
-    """sample.py, issue rows 1-6 and 8, the silent answers (--npy DIR, --frames 15) and every
+    """sample.py, rows 1-6 and 8, the silent answers (--npy DIR, --frames 15) and every
     flag check. Emulated: the full disk (posix_fallocate raises ENOSPC, as a 1 MB tmpfs
     does), Ctrl-C (a KeyboardInterrupt after the second block), torchrun's 5 processes (its
     environment; the check comes before the processes meet)."""
@@ -2333,7 +2333,7 @@ def test_sample_cli_table(tmp_path, monkeypatch, capsys, forwards, row, command,
         assert not list(tmp_path.glob("*.tmp"))
 
 
-TRAIN_ROWS = [    # (issue row, command, exit status, stderr line (regex prefix), condition)
+TRAIN_ROWS = [    # (row, command, exit status, stderr line (regex prefix), condition)
     ("7", "--init-from R --order step --name teacher --ship D", 2,
      "error: --name teacher: is the name of a stage; choose another", None),
     ("7", "--name ode_init", 2, "error: --name ode_init: is the name of a stage", None),
@@ -2381,7 +2381,7 @@ TRAIN_ROWS = [    # (issue row, command, exit status, stderr line (regex prefix)
                          ids=[f"{row_id(r[0])}: {r[1]}" for r in TRAIN_ROWS])
 def test_train_cli_table(tmp_path, monkeypatch, capsys, forwards, row, command, want_code,
                          want_line, condition):
-    """train_toy.py (--preset smoke --run-dir r), issue rows 7 and 9, --teacher (a student; a
+    """train_toy.py (--preset smoke --run-dir r), rows 7 and 9, --teacher (a student; a
     teacher other than the one the run's ODE pairs came from), a stage name taken by another
     student, and every flag check: refused before a file is written or a stage trained.
     Emulated: a read-only --ship (root writes anywhere here; /proc/x cannot be made)."""
@@ -2510,6 +2510,8 @@ SCRIPT_ROWS = [   # (script, command, stderr line (regex prefix)): each refused,
     ("levers", "none.json", "error: none.json: no such file"),
     ("bench", "--batch 0", "error: --batch 0: must be an integer >= 1"),
     ("bench", "--preset huge", "error: --preset huge: choose one of"),
+    ("figure_orders", "--blocks 1", r"error: --blocks 1: must be an integer in \[2, 12\]"),
+    ("figure_orders", "--out F/x.png", "error: --out F/x.png: cannot write there"),
 ]
 
 
@@ -2532,7 +2534,7 @@ def test_scripts_cli_table(tmp_path, monkeypatch, capsys, forwards, script, comm
 
 
 def test_an_interrupted_stream_leaves_the_old_files(tmp_path):
-    """Issue row 4 for real: SIGINT (Ctrl-C) to `python sample.py` while it streams a long
+    """Row 4 of the table for real: SIGINT (Ctrl-C) to `python sample.py` while it streams a long
     video: one line, exit 130, the old GIF and npy byte for byte, no temporary file left."""
     ck = smoke_ckpt(tmp_path)
     (tmp_path / "keep.gif").write_bytes(b"old gif")
@@ -2557,7 +2559,7 @@ def test_an_interrupted_stream_leaves_the_old_files(tmp_path):
 
 @pytest.mark.slow
 def test_a_run_killed_mid_gif_is_repaired_by_the_rerun(tmp_path, capsys):
-    """Issue row 10: SIGKILL (no cleanup) while a smoke run writes its teacher GIF, after the
+    """Row 10: SIGKILL (no cleanup) while a smoke run writes its teacher GIF, after the
     teacher's checkpoint is done. The GIF is written beside its name, so the kill leaves no
     teacher.gif that looks whole; the rerun sees the stage done and the GIF missing, and makes
     it: every frame, no temporary file left."""
@@ -2605,7 +2607,7 @@ def test_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
 
 
 def test_closing_a_pipeline_stops_its_stages_within_a_block(cfg, model, monkeypatch):
-    """Issue row 8: after close() (or Ctrl-C in the caller) a stage finishes at most the block
+    """Row 8: after close() (or Ctrl-C in the caller) a stage finishes at most the block
     it is on — not every block left (here 299)."""
     calls, real = [], model.forward
     monkeypatch.setattr(model, "forward", lambda *a, **k: (calls.append(1), real(*a, **k))[1])

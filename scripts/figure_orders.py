@@ -12,7 +12,6 @@ run at once (the wavefront).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import hiar  # noqa: E402
+import sample  # noqa: E402
 
 
 def record_cells(sampler, cfg: hiar.Config, frames: int, **kw) -> list[dict]:
@@ -106,21 +106,21 @@ def draw(out: Path, cfg: hiar.Config, N: int):
              "only (n − 1, j) and (n, j − 1): the cells of an anti-diagonal (right) can run at "
              "once.",
              ha="center", va="top", fontsize=8.5)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
+    with sample.atomic(out) as tmp:                  # a whole file or the old one
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     print(f"wrote {out}")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = sample.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(ROOT / "docs" / "orders.png"))
     p.add_argument("--blocks", type=int, default=5, help="blocks to draw (N)")
     args = p.parse_args(argv)
-    if not 2 <= args.blocks <= 12:
-        raise SystemExit(f"error: --blocks {args.blocks}: must be in [2, 12]")
+    sample.check(2 <= args.blocks <= 12, "--blocks", args.blocks, "must be an integer in [2, 12]")
+    sample.check_outputs({f"--out {args.out}": args.out})
     cfg = hiar.Config.preset("smoke", K=4, frames=2 * args.blocks, window=2 * args.blocks)
     draw(Path(args.out), cfg, args.blocks)
 
 
 if __name__ == "__main__":
-    main()
+    sample.run_cli(main)
