@@ -195,46 +195,36 @@ def attention_mask(q_frames, k_frames, block: int, window: int, causal: bool):
     return (k < q_start + block) & (k >= q_start - (window - block))
 
 
-def rope(x, frame, base: float = 100.0):
-    """Temporal RoPE over the frame index, x (B, h, L, d), frame (L,): scores depend only on frame
+def rope(x, pos, base: float = 100.0):
+    """Temporal RoPE at frame positions pos (L,), x (B, h, L, d): scores depend only on position
     *differences*, so a rolling window shows any length only offsets seen in training."""
     d = x.shape[-1]
     freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
-    ang = frame.to(torch.float32)[:, None] * freq[None]                                # (L, d/2)
+    ang = pos.to(torch.float32)[:, None] * freq[None]                                  # (L, d/2)
     cos, sin, x1, x2 = ang.cos(), ang.sin(), x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
 
 
 class KVCache:
     """Keys (before RoPE) and values of the context frames per layer: the newest of at most
-    `max_frames` (a rolling window) and the first `sink` (an attention sink, StreamingLLM)."""
+    `max_frames` (a rolling window) and the first `sink` (an attention sink, StreamingLLM). It
+    holds no frame numbers: its frames are the ones just before the next block, in order, so a
+    sink the window has left sits just before the oldest frame kept, an offset seen in training."""
 
     def __init__(self, depth: int, max_frames: int, tokens_per_frame: int, sink: int = 0):
         self.k, self.v = [None] * depth, [None] * depth    # per layer (B, h, L, d)
-        self.frame = None                                  # (L,) absolute frame of each token
         self.max_tokens, self.sink = max_frames * tokens_per_frame, sink * tokens_per_frame
 
-    def __len__(self):
-        return 0 if self.frame is None else len(self.frame)
+    def __len__(self):                                     # tokens, once every layer has them
+        return 0 if self.k[-1] is None else self.k[-1].shape[-2]
 
-    def append(self, layer: int, k, v, frame):
-        """Append one layer's keys/values (B, h, L, d) of frames `frame` (L,); keep the newest."""
-        def newest(old, new, dim=-2):                  # … and the sink's, before them
-            t = new if old is None else torch.cat([old, new], dim)
-            s, L = self.sink, t.shape[dim]
-            return torch.cat([t.narrow(dim, 0, s), t.narrow(dim, max(s, L - self.max_tokens + s),
-                                                            min(L, self.max_tokens) - s)], dim)
-        self.k[layer] = newest(self.k[layer], k)    # gradient only if written with it (write)
-        self.v[layer] = newest(self.v[layer], v)
-        if layer == len(self.k) - 1:       # after the last layer: all layers saw the old index
-            self.frame = newest(self.frame, frame, 0)
-
-    def frames(self):
-        """Each token's frame as queries see it (RoPE rotates its key to it): a sink the window
-        has left moves up to just before the oldest frame kept, an offset seen in training."""
-        s, f = self.sink, self.frame
-        d = int(f[s] - f[s - 1]) - 1 if 0 < s < len(f) else 0     # the gap the sink closes
-        return torch.cat([f[:s] + d, f[s:]])
+    def append(self, layer: int, k, v):
+        """Append one layer's keys/values (B, h, L, d); keep the sink's and the newest."""
+        def keep(old, new):                    # gradient only if written with it (write)
+            t = new if old is None else torch.cat([old, new], -2)
+            s, L = self.sink, t.shape[-2]
+            return torch.cat([t[..., :s, :], t[..., max(s, L - self.max_tokens + s):, :]], -2)
+        self.k[layer], self.v[layer] = keep(self.k[layer], k), keep(self.v[layer], v)
 
 
 def modulate(x, shift, scale):
@@ -254,22 +244,25 @@ class DiTBlock(nn.Module):
                                  nn.Linear(4 * dim, dim))
         self.adaLN_modulation = nn.Linear(dim, 6 * dim)         # zero at init: VideoDiT
 
-    def forward(self, x, c, frame, k_frame, mask, cache: KVCache | None, layer: int, write: int):
-        # x, c: (B, L, D) tokens and condition; frame (L,); k_frame, mask columns: context + L
+    def forward(self, x, c, parts, cache: KVCache | None, layer: int):
+        # x, c: (B, L, D) tokens and condition; parts: see VideoDiT.forward
         B, L, D = x.shape
         (shift_msa, scale_msa, gate_msa,
          shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c).chunk(6, dim=-1)
         q, k, v = self.qkv(modulate(self.norm1(x), shift_msa, scale_msa)).view(
             B, L, 3, self.heads, -1).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))                 # (B, h, L, d)
-        k_all, v_all = k, v
-        if cache is not None and len(cache):                              # context first
-            k_all, v_all = torch.cat([cache.k[layer], k], -2), torch.cat([cache.v[layer], v], -2)
-        if cache is not None and write:                                   # first `write` tokens
-            cache.append(layer, k[:, :, :write], v[:, :, :write], frame[:write])
-        q, k_all = rope(q, frame), rope(k_all, k_frame)         # keys at their (moved) frames
-        att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
-        x = x + gate_msa * self.proj(att.transpose(1, 2).reshape(B, L, D))
+        att = []
+        for a, z, pos, mask, write in parts:        # tokens a:z, first the ones written
+            k_p, v_p = k[:, :, a:z], v[:, :, a:z]
+            if cache is not None and cache.k[layer] is not None:        # context first
+                k_p = torch.cat([cache.k[layer], k_p], -2)
+                v_p = torch.cat([cache.v[layer], v_p], -2)
+            if write:
+                cache.append(layer, k[:, :, a:z], v[:, :, a:z])
+            q_p, k_p = rope(q[:, :, a:z], pos[a - z:]), rope(k_p, pos)
+            att.append(F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=mask))
+        x = x + gate_msa * self.proj(torch.cat(att, 2).transpose(1, 2).reshape(B, L, D))
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -309,7 +302,9 @@ class VideoDiT(nn.Module):
     def forward(self, x, sigma, label=None, frame0: int = 0, causal: bool = True,
                 cache: KVCache | None = None, write_frames: int = 0):
         """x (B, T, 3, H, W) at levels sigma (B, T), (B,) or float, first frame frame0 → v_hat
-        (B, T, 3, H, W). With a cache x also sees its frames, and appends its first write_frames."""
+        (B, T, 3, H, W). With a cache, x follows its frames: the first write_frames see it and are
+        appended to it, the rest see it after that write (so a fused pass is exactly the write and
+        the denoise passes). RoPE counts frames from each part's first: no absolute positions."""
         cfg, p = self.cfg, self.cfg.patch
         B, T, C, H, W = x.shape
         assert (C, H, W) == (3, cfg.size, cfg.size), f"frame shape {(C, H, W)} is not the model's"
@@ -324,11 +319,17 @@ class VideoDiT(nn.Module):
         # this keeps video i's numbers bitwise independent of the batch it is in
         c = torch.stack([self.t_mlp(e) for e in timestep_embedding(s, cfg.dim)])  # (B, T, D)
         c = (c + self.label_emb(lab.to(x.device))[:, None]).repeat_interleave(P, 1)  # (B, L, D)
-        frame = torch.arange(frame0, frame0 + T, device=x.device).repeat_interleave(P)  # (L,)
-        k_frame = torch.cat([cache.frames(), frame]) if cache is not None and len(cache) else frame
-        mask = attention_mask(frame, k_frame, cfg.block, cfg.window_frames, causal)
+        n, w = (len(cache) // P, write_frames) if cache is not None else (0, 0)  # context frames
+        spans = [(0, w, n, True)] if w else []                   # (first, end, context, write)
+        spans += [(w, T, min(n + w, cache.max_tokens // P) if w else n, False)] if w < T else []
+        parts = []
+        for a, z, n, write in spans:              # positions from the part's first frame
+            pos = torch.arange(-n, z - a, device=x.device).repeat_interleave(P)      # (L_k,)
+            mask = attention_mask(frame0 + a + pos[n * P:], frame0 + a + pos, cfg.block,
+                                  cfg.window_frames, causal)
+            parts.append((a * P, z * P, pos, mask, write))
         for i, blk in enumerate(self.blocks):
-            h = blk(h, c, frame, k_frame, mask, cache, i, write_frames * P)
+            h = blk(h, c, parts, cache, i)
         shift, scale = self.adaLN_out(c).chunk(2, dim=-1)
         out = self.patch_out(modulate(self.norm_out(h), shift, scale))         # (B, L, C·p·p)
         out = out.reshape(B, T, H // p, W // p, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)

@@ -448,8 +448,8 @@ def test_orders_differ_for_k_above_1(cfg, model):
 def test_rolling_window_bounds_the_cache(cfg, model, sampler, monkeypatch):
     held, orig = [], hiar.KVCache.append
 
-    def spy(self, layer, k, v, frame):
-        orig(self, layer, k, v, frame)
+    def spy(self, layer, k, v):
+        orig(self, layer, k, v)
         held.append(self.k[layer].shape[-2] // cfg.tokens_per_frame)
     monkeypatch.setattr(hiar.KVCache, "append", spy)
     long = 4 * cfg.frames
@@ -607,8 +607,8 @@ def test_blocks_held_do_not_grow_with_the_video(cfg, model, name, fn, monkeypatc
     shape = (2, cfg.block, 3, cfg.size, cfg.size)
     frames_held, orig = [], hiar.KVCache.append
 
-    def spy(self, layer, k, v, frame):
-        orig(self, layer, k, v, frame)
+    def spy(self, layer, k, v):
+        orig(self, layer, k, v)
         frames_held.append(self.k[layer].shape[-2] // cfg.tokens_per_frame)
     monkeypatch.setattr(hiar.KVCache, "append", spy)
     peaks = []
@@ -2122,3 +2122,92 @@ def test_cfg_direction_averages_over_background_pixels_per_label():
     d[:, :, 0, 0, 0] = 5.0
     out = cfg_direction.background_mean(d, x0, torch.tensor([0, 1, 0, 1]), 2)
     assert out == [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 32: the fused pass with the sink; the whole option grid against the literal Alg. 1 loop
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A torch.distributed group of one process (gloo), so sample.distributed runs in-process."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def streamed(fn, *a, **kw):
+    return torch.cat(list(fn(*a, **kw)), 1)
+
+
+@pytest.mark.parametrize("context_t", hiar.CONTEXT_LEVELS)
+def test_fused_pass_with_the_sink_is_alg1_past_the_window(cfg, context_t, one_rank, one_thread):
+    """In a fused pass block n − 1 is written and block n denoised; block n must see the cache
+    after that write, whose window has dropped block n − W and shows the sink in its slot, not
+    the cache before it (block n − W in the window and the sink outside it: the old bug). Two
+    layers against the literal loop; one layer against the no-cache oracle too."""
+    F, lab = 4 * cfg.frames, torch.tensor([0, 1])
+    for depth in (1, 2):
+        m = random_model(dataclasses.replace(cfg, depth=depth), depth)
+        with torch.no_grad():
+            alg1 = hiar.sample_step_major(m, noise(cfg), F, lab, context_t=context_t, sink=True)
+            runs = [streamed(hiar.step_major, m, noise(cfg), F, lab, context_t, fused=True,
+                             sink=True),
+                    hiar.sample_pipelined(m, noise(cfg), F, lab, context_t=context_t,
+                                          fused=True, sink=True),
+                    streamed(sample.distributed, m, noise(cfg), F, lab, context_t, fused=True,
+                             sink=True)]
+            if depth == 1:
+                runs.append(reference_sample(m, noise(cfg), F, lab, context_t=context_t,
+                                             sink=True))
+            plain = hiar.sample_step_major(m, noise(cfg), F, lab, context_t=context_t)
+        assert not torch.allclose(alg1, plain, atol=1e-3)          # the sink matters here
+        for video in runs:
+            assert torch.allclose(video, alg1, atol=1e-5), (depth, (video - alg1).abs().max())
+
+
+def test_every_streamed_sampler_and_option_pair_is_the_literal_alg1_loop(cfg, one_rank,
+                                                                         one_thread):
+    """The whole grid, past the window (the sink moved), against sample_step_major: every
+    streamed sampler × context level × sink × fused × bias × exit step × streams, so that no
+    pair of options can drift apart unseen (the pipelines take no bias and no exit step)."""
+    import itertools
+    m, F, lab = random_model(cfg, 5), 2 * cfg.frames, torch.tensor([1, 0])
+    for ctx, sink, bias, J in itertools.product(hiar.CONTEXT_LEVELS, (False, True), (0.0, 0.05),
+                                                range(cfg.K)):
+        kw = dict(context_t=ctx, sink=sink)
+        with torch.no_grad():
+            alg1 = hiar.sample_step_major(m, noise(cfg), F, lab, exit_step=J, x0_bias=bias, **kw)
+            runs = {f"step_major fused={f}": streamed(hiar.step_major, m, noise(cfg), F, lab,
+                                                      fused=f, exit_step=J, x0_bias=bias, **kw)
+                    for f in (False, True)}
+            if bias == 0 and J == cfg.K - 1:
+                for f, S in itertools.product((False, True), range(1, cfg.K + 1)):
+                    runs[f"pipelined fused={f} streams={S}"] = hiar.sample_pipelined(
+                        m, noise(cfg), F, lab, streams=S, fused=f, **kw)
+                for f in (False, True):
+                    runs[f"distributed fused={f}"] = streamed(
+                        sample.distributed, m, noise(cfg), F, lab, fused=f, **kw)
+        for name, video in runs.items():
+            err = (video - alg1).abs().max().item()
+            assert err <= 1e-5, (name, ctx, sink, bias, J, err)
+
+
+def test_a_blocks_output_does_not_depend_on_its_absolute_position(cfg, model):
+    """RoPE counts frames from the first frame of the part being computed, and the cache holds no
+    frame numbers, so a block at frame 10^5 gets the output it gets at frame 4b, bitwise (there,
+    absolute angles would have lost float32 precision): a denoise, a fused and a no-cache pass."""
+    b, lab = cfg.block, torch.tensor([0, 1])
+    x = [noise(cfg)(0, n) for n in range(6)]
+    outs = []
+    for first in (0, 50_000):                                       # the first block's index
+        cache = model.new_cache(sink=True)
+        with torch.no_grad():
+            for n in range(4):
+                hiar.write(model, cache, x[n], 0.5, first + n, lab)
+            denoised = model(x[4], 1.0, lab, frame0=(first + 4) * b, cache=cache)
+            fused = hiar.fused_pass(model, cache, x[4], 0.5, x[5], 1.0, first + 5, lab)
+            whole = model(torch.cat(x, 1), 0.5, lab, frame0=first * b)
+        outs.append(torch.cat([denoised, fused, whole], 1))
+    assert torch.equal(*outs)
