@@ -231,6 +231,14 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
+def per_clip(linear: nn.Linear, c, parts):
+    """`linear` on the per-frame condition c (B, T, D), a product per video and part: a small
+    matrix product picks its kernel by its row count, so this keeps a video's numbers bitwise
+    independent of the batch it is in, and a fused pass's of the other block in that pass."""
+    W = linear.weight.t().expand(len(c), -1, -1)                                  # (B, D, out)
+    return torch.cat([torch.baddbmm(linear.bias, c[:, a:z], W) for a, z, *_ in parts], 1)
+
+
 class DiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-zero modulation from the per-frame condition."""
 
@@ -245,24 +253,23 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Linear(dim, 6 * dim)         # zero at init: VideoDiT
 
     def forward(self, x, c, parts, cache: KVCache | None, layer: int):
-        # x, c: (B, L, D) tokens and condition; parts: see VideoDiT.forward
-        B, L, D = x.shape
-        (shift_msa, scale_msa, gate_msa,
-         shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c).chunk(6, dim=-1)
-        q, k, v = self.qkv(modulate(self.norm1(x), shift_msa, scale_msa)).view(
-            B, L, 3, self.heads, -1).unbind(2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))                 # (B, h, L, d)
+        # x (B, T, P, D) tokens; c (B, T, D) the condition of each frame; parts: VideoDiT.forward
+        B, T, P, D = x.shape
+        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,      # (B, T, 1, D) each: once a
+         gate_mlp) = per_clip(self.adaLN_modulation, c, parts)[:, :, None].chunk(6, -1)  # frame
+        qkv = self.qkv(modulate(self.norm1(x), shift_msa, scale_msa))            # (B, T, P, 3D)
+        q, k, v = qkv.view(B, T * P, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, h, L, d)
         att = []
-        for a, z, pos, mask, write in parts:        # tokens a:z, first the ones written
-            k_p, v_p = k[:, :, a:z], v[:, :, a:z]
+        for a, z, pos, mask, write in parts:               # frames a:z, first the ones written
+            k_p, v_p = k[:, :, a * P:z * P], v[:, :, a * P:z * P]
             if cache is not None and cache.k[layer] is not None:        # context first
                 k_p = torch.cat([cache.k[layer], k_p], -2)
                 v_p = torch.cat([cache.v[layer], v_p], -2)
             if write:
-                cache.append(layer, k[:, :, a:z], v[:, :, a:z])
-            q_p, k_p = rope(q[:, :, a:z], pos[a - z:]), rope(k_p, pos)
+                cache.append(layer, k[:, :, a * P:z * P], v[:, :, a * P:z * P])
+            q_p, k_p = rope(q[:, :, a * P:z * P], pos[(a - z) * P:]), rope(k_p, pos)
             att.append(F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=mask))
-        x = x + gate_msa * self.proj(torch.cat(att, 2).transpose(1, 2).reshape(B, L, D))
+        x = x + gate_msa * self.proj(torch.cat(att, 2).transpose(1, 2).reshape(B, T, P, D))
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -310,15 +317,9 @@ class VideoDiT(nn.Module):
         assert (C, H, W) == (3, cfg.size, cfg.size), f"frame shape {(C, H, W)} is not the model's"
         P = cfg.tokens_per_frame
         tok = x.reshape(B, T, C, H // p, p, W // p, p).permute(0, 1, 3, 5, 2, 4, 6)
-        tok = tok.reshape(B, T * P, C * p * p)                                   # (B, L, C·p·p)
-        h = self.patch_in(tok) + self.pos.repeat(T, 1)                          # (B, L, D)
-        s = frame_sigma(sigma, B, T, x.device)                                   # (B, T)
+        h = self.patch_in(tok.reshape(B, T, P, C * p * p)) + self.pos            # (B, T, P, D)
         lab = as_labels(label, B, cfg.labels)
         lab = torch.where(lab < 0, cfg.labels, lab)                  # -1 → the 'no label' row
-        # one video at a time: a small matrix product picks its kernel by its row count, and
-        # this keeps video i's numbers bitwise independent of the batch it is in
-        c = torch.stack([self.t_mlp(e) for e in timestep_embedding(s, cfg.dim)])  # (B, T, D)
-        c = (c + self.label_emb(lab.to(x.device))[:, None]).repeat_interleave(P, 1)  # (B, L, D)
         n, w = (len(cache) // P, write_frames) if cache is not None else (0, 0)  # context frames
         spans = [(0, w, n, True)] if w else []                   # (first, end, context, write)
         spans += [(w, T, min(n + w, cache.max_tokens // P) if w else n, False)] if w < T else []
@@ -327,11 +328,14 @@ class VideoDiT(nn.Module):
             pos = torch.arange(-n, z - a, device=x.device).repeat_interleave(P)      # (L_k,)
             mask = attention_mask(frame0 + a + pos[n * P:], frame0 + a + pos, cfg.block,
                                   cfg.window_frames, causal)
-            parts.append((a * P, z * P, pos, mask, write))
+            parts.append((a, z, pos, mask, write))
+        e = timestep_embedding(frame_sigma(sigma, B, T, x.device), cfg.dim)        # (B, T, D)
+        c = per_clip(self.t_mlp[2], F.silu(per_clip(self.t_mlp[0], e, parts)), parts)  # t_mlp(e)
+        c = c + self.label_emb(lab.to(x.device))[:, None]            # a frame's condition
         for i, blk in enumerate(self.blocks):
             h = blk(h, c, parts, cache, i)
-        shift, scale = self.adaLN_out(c).chunk(2, dim=-1)
-        out = self.patch_out(modulate(self.norm_out(h), shift, scale))         # (B, L, C·p·p)
+        shift, scale = per_clip(self.adaLN_out, c, parts)[:, :, None].chunk(2, dim=-1)
+        out = self.patch_out(modulate(self.norm_out(h), shift, scale))       # (B, T, P, C·p·p)
         out = out.reshape(B, T, H // p, W // p, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)
         return out.reshape(B, T, C, H, W)
 
