@@ -471,8 +471,8 @@ def step_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t
                inputs=None, cache_grad: bool = False, sink: bool = False):
     """Step-major as a stream. Cell (n, j) needs only (n − 1, j), via step j's cache, and
     (n, j − 1), its input, so this order (block n's steps before block n + 1's; K caches, one
-    block held) gives Alg. 1's video bitwise. As a pipeline stage: run only `steps` on blocks
-    from `inputs`, yield each at σ_{steps[-1] + 1} (x0_hat after the last or exit step)."""
+    block held) gives Alg. 1's video bitwise; at t_j in K passes a block, not 2K. As a pipeline
+    stage: run only `steps` on blocks from `inputs`, yield each at σ_{steps[-1] + 1}."""
     K, N, J, σ = _setup(model, noise, frames, exit_step)
     assert context_t in CONTEXT_LEVELS, f"context_t={context_t!r}: one of {CONTEXT_LEVELS}"
     if fused and torch.is_grad_enabled():           # see fused_pass: its gradients differ
@@ -483,18 +483,19 @@ def step_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t
     inputs = iter(inputs) if inputs is not None else (noise(0, n) for n in range(N))
     for n in range(N):
         x = next(inputs)                                             # block n at σ_{steps[0]}
-        for j in steps:
+        for j in steps:        # t_j: the cell's pass is block n's write (same input and cache)
+            own = context_t == "current" and n + 1 < N and not (grad and j == J)  # (cache_grad)
             with torch.set_grad_enabled(grad and j == J):
-                x0_hat = x - σ[j] * (fused_pass(model, cache[j], *held[j], x, σ[j], n, label)
-                                     if j in held else
-                                     model(x, σ[j], label, frame0=n * b, cache=cache[j])) + x0_bias
+                v_hat = (fused_pass(model, cache[j], *held[j], x, σ[j], n, label) if j in held else
+                         model(x, σ[j], label, frame0=n * b, cache=cache[j], write_frames=b * own))
+                x0_hat = x - σ[j] * v_hat + x0_bias
             x_next = add_noise(x0_hat, noise(j + 1, n), σ[j + 1]) if j + 1 < K else x0_hat
             x_c, σ_c = x_next, σ[j + 1]                             # Eq. 9, as above
             if context_t != "next":
                 x_c, σ_c = (x, σ[j]) if context_t == "current" else (x0_hat, 0.0)
-            if fused:
+            if fused and not own:
                 held[j] = (x_c.detach(), σ_c)                        # written by the next pass
-            elif n + 1 < N:
+            elif n + 1 < N and not own:
                 write(model, cache[j], x_c, σ_c, n, label, cache_grad and j == J)
             x = x_next
         yield x0_hat if steps[-1] == J else x

@@ -2254,3 +2254,29 @@ def test_fused_pass_is_bitwise_the_write_and_the_denoise_pass(cfg, model, one_th
         v_two = hiar.fused_pass(model, two, x[3], 0.5, x[4], 1.0, 4, lab)
     assert torch.equal(v_one, v_two)
     assert all(torch.equal(a, b) for a, b in zip(one.k + one.v, two.k + two.v))
+
+
+def test_context_tj_needs_no_write_pass(cfg, model, monkeypatch):
+    """With context at t_j the write of block n into step j's cache is cell (n, j)'s own pass
+    (same input, same cache): step_major runs K passes a block, not 2K, and leaves the video and
+    every cache the literal loop's write passes leave, bitwise (past the window, ± the sink)."""
+    made, orig = [], hiar.VideoDiT.new_cache
+    monkeypatch.setattr(hiar.VideoDiT, "new_cache", lambda *a: made.append(orig(*a)) or made[-1])
+    N, lab = 7, torch.tensor([1, 0])
+    calls, handle = count_passes(model)
+    try:
+        with torch.no_grad():
+            for sink, fused in ((False, False), (True, False), (True, True)):
+                made.clear()
+                alg1 = hiar.sample_step_major(model, noise(cfg), N * cfg.block, lab,
+                                              context_t="current", sink=sink)
+                literal, made[:] = list(made), []
+                calls.clear()
+                video = streamed(hiar.step_major, model, noise(cfg), N * cfg.block, lab,
+                                 "current", fused=fused, sink=sink)
+                assert len(calls) == cfg.K * N and torch.equal(video, alg1)
+                assert len(made) == len(literal) == cfg.K
+                for a, b in zip(literal, made):
+                    assert torch.equal(torch.stack(a.k + a.v), torch.stack(b.k + b.v))
+    finally:
+        handle.remove()
