@@ -19,6 +19,7 @@ The network predicts the velocity v = ε − x0, so x0_hat = x_σ − σ·v_hat.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import queue
 import threading
@@ -312,20 +313,18 @@ class VideoDiT(nn.Module):
         (B, T, 3, H, W). With a cache, x follows its frames: the first write_frames see it and are
         appended to it, the rest see it after that write (so a fused pass is exactly the write and
         the denoise passes). RoPE counts frames from each part's first: no absolute positions."""
-        cfg, p = self.cfg, self.cfg.patch
+        cfg, p, P = self.cfg, self.cfg.patch, self.cfg.tokens_per_frame
         B, T, C, H, W = x.shape
         assert (C, H, W) == (3, cfg.size, cfg.size), f"frame shape {(C, H, W)} is not the model's"
-        P = cfg.tokens_per_frame
         tok = x.reshape(B, T, C, H // p, p, W // p, p).permute(0, 1, 3, 5, 2, 4, 6)
         h = self.patch_in(tok.reshape(B, T, P, C * p * p)) + self.pos            # (B, T, P, D)
         lab = as_labels(label, B, cfg.labels)
         lab = torch.where(lab < 0, cfg.labels, lab)                  # -1 → the 'no label' row
         n, w = (len(cache) // P, write_frames) if cache is not None else (0, 0)  # context frames
-        spans = [(0, w, n, True)] if w else []                   # (first, end, context, write)
-        spans += [(w, T, min(n + w, cache.max_tokens // P) if w else n, False)] if w < T else []
-        parts = []
-        for a, z, n, write in spans:              # positions from the part's first frame
-            pos = torch.arange(-n, z - a, device=x.device).repeat_interleave(P)      # (L_k,)
+        after = min(n + w, cache.max_tokens // P) if w else n          # … once w are written
+        parts, spans = [], [(0, w, n, True)] * (w > 0) + [(w, T, after, False)] * (w < T)
+        for a, z, n, write in spans:          # frames a:z with n context frames, written first
+            pos = torch.arange(-n, z - a, device=x.device).repeat_interleave(P)     # (L_k,)
             mask = attention_mask(frame0 + a + pos[n * P:], frame0 + a + pos, cfg.block,
                                   cfg.window_frames, causal)
             parts.append((a, z, pos, mask, write))
@@ -391,8 +390,9 @@ def write(model: VideoDiT, cache: KVCache, x_c, σ_c, n: int, label, grad: bool 
         model(x_c, σ_c, label, frame0=n * b, cache=cache, write_frames=b)
 
 
-def _setup(model: VideoDiT, noise, frames: int, exit_step):
+def _setup(model: VideoDiT, noise, frames: int, exit_step, context_t: str = "next"):
     """(K, N, J, σ): steps, blocks, the last step run (the exit step j* in training), levels."""
+    assert context_t in CONTEXT_LEVELS, f"context_t={context_t!r}: one of {CONTEXT_LEVELS}"
     K, b, shape = noise.K, model.cfg.block, (model.cfg.block, 3, model.cfg.size, model.cfg.size)
     assert noise.shape == shape, f"noise draws blocks of {noise.shape}, the model {shape}"
     assert frames % b == 0, f"frames={frames}: whole blocks of {b}"
@@ -435,8 +435,7 @@ def sample_step_major(model: VideoDiT, noise: Noise, frames: int, label=None, co
     """Paper Alg. 1: for each step j a fresh cache; for each block n, cell (n, j), then block n
     is written at the context level t_c (Eq. 9) for the blocks after it; 2K passes a block.
     `context_t` (Table 2): 'next' = t_{j+1} (HiAR's), 'current' = t_j or 'clean' = 0."""
-    K, N, J, σ = _setup(model, noise, frames, exit_step)
-    assert context_t in CONTEXT_LEVELS, f"context_t={context_t!r}: one of {CONTEXT_LEVELS}"
+    K, N, J, σ = _setup(model, noise, frames, exit_step, context_t)
     b, grad = model.cfg.block, torch.is_grad_enabled()
     x = [noise(0, n) for n in range(N)]                               # every block at σ_0 = 1
     out = [None] * N
@@ -456,7 +455,7 @@ def sample_step_major(model: VideoDiT, noise: Noise, frames: int, label=None, co
     return torch.cat(out, 1)
 
 
-def fused_pass(model: VideoDiT, cache: KVCache, x_c, σ_c, x, σ_j: float, n: int, label):
+def fused_pass(model: VideoDiT, cache: KVCache, x_c, σ_c, x, σ_j, n: int, label):
     """The paper's fused pass: write block n − 1 (at σ_c) and denoise block n (at σ_j) in one
     forward with per-frame levels → v_hat of block n; a step costs N passes, not 2N. Inference
     only: here block n sees block n − 1's keys *with* their gradient; the cache's are detached."""
@@ -473,8 +472,7 @@ def step_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t
     (n, j − 1), its input, so this order (block n's steps before block n + 1's; K caches, one
     block held) gives Alg. 1's video bitwise; at t_j in K passes a block, not 2K. As a pipeline
     stage: run only `steps` on blocks from `inputs`, yield each at σ_{steps[-1] + 1}."""
-    K, N, J, σ = _setup(model, noise, frames, exit_step)
-    assert context_t in CONTEXT_LEVELS, f"context_t={context_t!r}: one of {CONTEXT_LEVELS}"
+    K, N, J, σ = _setup(model, noise, frames, exit_step, context_t)
     if fused and torch.is_grad_enabled():           # see fused_pass: its gradients differ
         raise ValueError("fused=True is for inference: run it under torch.no_grad()")
     steps, b, grad = steps or range(J + 1), model.cfg.block, torch.is_grad_enabled()
@@ -569,6 +567,46 @@ def pipelined(model: VideoDiT, noise: Noise, frames: int, label=None, context_t:
 def sample_pipelined(model: VideoDiT, noise: Noise, frames: int, label=None, **kw):
     """The whole video (B, frames, 3, H, W) from `pipelined`."""
     return torch.cat(list(pipelined(model, noise, frames, label, **kw)), 1)
+
+
+@torch.no_grad()
+def wavefront(model: VideoDiT, noise: Noise, frames: int, label=None, context_t: str = "next",
+              exit_step=None, x0_bias=0.0, sink: bool = False):
+    """Step-major on one device: the cells (d − j, j) of anti-diagonal d are independent, so those
+    whose caches hold as many frames (all, once the windows are full) run as one batched pass, a
+    row group per step reading and writing its own step's cache (Stream Batch, StreamDiffusion):
+    a pass a block, not K. A cell is step_major's fused pass (t_j: its own), so, Alg. 1's video."""
+    K, N, J, σ = _setup(model, noise, frames, exit_step, context_t)
+    B, b, own = noise.batch, model.cfg.block, context_t == "current"
+    lab, σ_row = as_labels(label, B, model.cfg.labels), [torch.full((B,), s) for s in σ]
+    cache, x_c, σ_c = [model.new_cache(sink) for _ in range(J + 1)], {}, {}  # held: step_major's
+    x = {0: noise(0, 0)}                                   # x[j]: the block for cell (d − j, j)
+    for d in range(N + J):                                             # anti-diagonal n + j = d
+        x_new, groups = {0: noise(0, d + 1)} if d + 1 < N else {}, {}
+        for j in x:                               # the cells as far into their windows: a pass
+            groups.setdefault((len(cache[j]), j in x_c), []).append(j)
+        for js in groups.values():
+            n, R, c = d - js[0], len(js), copy.copy(cache[js[0]])     # their caches as one
+            c.k = [t[0] if R == 1 else torch.cat(t) for t in zip(*(cache[j].k for j in js))]
+            c.v = [t[0] if R == 1 else torch.cat(t) for t in zip(*(cache[j].v for j in js))]
+            rows = lambda a: torch.cat([a[j] for j in js])                # noqa: E731 (R·B, …)
+            v_hat = fused_pass(model, c, rows(x_c), rows(σ_c), rows(x), rows(σ_row), n,
+                               lab.repeat(R)) if js[0] in x_c else model(
+                rows(x), rows(σ_row), lab.repeat(R), frame0=n * b, cache=c, write_frames=b * own)
+            for i, j in enumerate(js):                            # each step its rows back
+                cache[j].k = [t if R == 1 else t.chunk(R)[i] for t in c.k]
+                cache[j].v = [t if R == 1 else t.chunk(R)[i] for t in c.v]
+            for j, v in zip(js, v_hat.split(B)):          # cell (d − j, j), as in step_major
+                x0_hat = x[j] - σ[j] * v + x0_bias
+                x_next = add_noise(x0_hat, noise(j + 1, d - j), σ[j + 1]) if j + 1 < K else x0_hat
+                if not own:                      # Eq. 9: block n's context, its next pass writes
+                    x_c[j], σ_c[j] = (x0_hat, σ_row[K]) if context_t == "clean" else (
+                        x_next, σ_row[j + 1])
+                if j < J:
+                    x_new[j + 1] = x_next                               # cell (d − j, j + 1)
+                else:
+                    yield x0_hat
+        x = x_new
 
 
 # ==== 9. Losses ===================================================================================

@@ -2189,6 +2189,8 @@ def test_every_streamed_sampler_and_option_pair_is_the_literal_alg1_loop(cfg, on
                 for f in (False, True):
                     runs[f"distributed fused={f}"] = streamed(
                         sample.distributed, m, noise(cfg), F, lab, fused=f, **kw)
+            runs["wavefront"] = streamed(hiar.wavefront, m, noise(cfg), F, lab, exit_step=J,
+                                         x0_bias=bias, **kw)
         for name, video in runs.items():                    # bitwise: one thread, one video
             assert torch.equal(video, alg1), (name, ctx, sink, bias, J)   # per product
 
@@ -2280,3 +2282,51 @@ def test_context_tj_needs_no_write_pass(cfg, model, monkeypatch):
                     assert torch.equal(torch.stack(a.k + a.v), torch.stack(b.k + b.v))
     finally:
         handle.remove()
+
+
+
+def test_wavefront_is_the_literal_loop_in_one_pass_per_diagonal(cfg, monkeypatch, one_thread):
+    """The one-device wavefront: Alg. 1's video bitwise (every context level, ± the sink, across
+    the rolling window, batch 1 and 4, K = 4); per diagonal one pass for the cells whose caches
+    are full (K rows of the batch), one per cell before; K caches, none past the window."""
+    m, N, W = random_model(cfg, 7), 9, cfg.window_frames // cfg.block - 1     # W context blocks
+    rows, held, append = [], [], hiar.KVCache.append
+
+    def spy(self, layer, k, v):
+        append(self, layer, k, v)
+        held.append(self.k[layer].shape[-2] // cfg.tokens_per_frame)
+    monkeypatch.setattr(hiar.KVCache, "append", spy)
+    handle = m.register_forward_hook(lambda mod, a, out: rows.append(len(a[0])))
+    for B, ctx, sink in [(B, c, s) for B in (1, 4) for c in hiar.CONTEXT_LEVELS
+                         for s in (False, True)]:
+        n, lab = hiar.Noise(cfg, range(30, 30 + B), K=4), torch.arange(B) % cfg.labels
+        with torch.no_grad():
+            alg1 = hiar.sample_step_major(m, n, N * cfg.block, lab, context_t=ctx, sink=sink)
+            rows.clear()
+            wave = streamed(hiar.wavefront, m, n, N * cfg.block, lab, ctx, sink=sink)
+        assert torch.equal(wave, alg1), (B, ctx, sink)
+        first = W + (ctx != "current")       # a cell's cache is full from block W + 1 (t_j: W)
+        assert len(rows) == 4 * first + (N + 4 - 1 - first), (B, ctx, rows)
+        assert max(rows) == 4 * B and rows.count(4 * B) == N - first - 4 + 1
+    handle.remove()
+    assert max(held) == cfg.window_frames - cfg.block
+
+
+def test_wavefront_streams_prefixes_in_bounded_memory(cfg, model, one_thread):
+    """A generator of finished blocks: a shorter video is a prefix of a longer one, and what it
+    holds (block-sized tensors: K inputs, K held writes, the block in flight) does not grow with
+    the video's length."""
+    lab = torch.tensor([1, 0])
+    with torch.no_grad():
+        long = streamed(hiar.wavefront, model, noise(cfg), 4 * cfg.frames, lab)
+        short = streamed(hiar.wavefront, model, noise(cfg), cfg.frames + cfg.block, lab)
+    assert torch.equal(long[:, :short.shape[1]], short)
+    shape, peaks = (2, cfg.block, 3, cfg.size, cfg.size), []
+    for N in (6, 24):
+        counts = []
+        with torch.no_grad():
+            for x in hiar.wavefront(model, noise(cfg), N * cfg.block, lab):
+                del x
+                counts.append(_live_blocks(shape))
+        peaks.append(max(counts))
+    assert peaks[0] == peaks[1] <= 3 * cfg.K + 1, peaks
