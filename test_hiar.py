@@ -1568,7 +1568,8 @@ def test_gpu_script_runs_every_lever_and_packs_the_results(tmp_path):
     env = {**os.environ, "PRESET": "smoke", "DEVICE": "cpu", "OUT": str(tmp_path), "BUDGET": "300"}
     work = tmp_path / "repo"                        # the code alone; runs/gpu is made there
     (work / "scripts").mkdir(parents=True)
-    for f in ("hiar.py", "sample.py", "train_toy.py", "scripts/gpu_runs.sh"):
+    for f in ("hiar.py", "sample.py", "train_toy.py", "scripts/gpu_runs.sh",
+              "scripts/bench.py"):
         (work / f).write_bytes((HERE / f).read_bytes())
     r = subprocess.run(["bash", "scripts/gpu_runs.sh"], cwd=work, env=env, capture_output=True,
                        text=True, timeout=400)
@@ -1583,6 +1584,7 @@ def test_gpu_script_runs_every_lever_and_packs_the_results(tmp_path):
             <= set(tar)
     assert {f"ship_r48_sink{k}/{o}_s0.pt" for k in ("true", "false")
             for o in ("hiar", "self_forcing")} <= set(names["r48"])
+    assert "bench_onedevice.log" in names["logs"]          # the one-device samplers' speed
 
 
 @pytest.mark.slow
@@ -2330,3 +2332,18 @@ def test_wavefront_streams_prefixes_in_bounded_memory(cfg, model, one_thread):
                 counts.append(_live_blocks(shape))
         peaks.append(max(counts))
     assert peaks[0] == peaks[1] <= 3 * cfg.K + 1, peaks
+
+
+def test_sample_cli_wavefront_gives_the_literal_loops_videos(tmp_path):
+    """`sample.py --sampler wavefront` streams hiar.wavefront: the literal loop's videos, with the
+    sink, a context level and the bias passed through."""
+    ck = smoke_ckpt(tmp_path)
+    r = run_cli("sample.py", "--ckpt", str(ck), "--frames", "20", "--num", "2", "--sink",
+                "--sampler", "wavefront", "--context-t", "clean", "--bias", "0.05", "--gif", "",
+                "--no-metrics", "--npy", str(tmp_path / "w.npy"))
+    assert r.returncode == 0, r.stderr
+    model, _ = sample.load_student(str(ck), "cpu")
+    with torch.no_grad():
+        v = hiar.sample_step_major(model, hiar.Noise(model.cfg, [0, 1]), 20, torch.tensor([0, 1]),
+                                   context_t="clean", x0_bias=0.05, sink=True)
+    assert np.array_equal(sample.to_uint8(v), np.load(tmp_path / "w.npy"))

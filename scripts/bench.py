@@ -3,6 +3,7 @@
     python scripts/bench.py                    # ~5 min on the 2-core CPU
     python scripts/bench.py --only stream      # just the long-video table (per-frame time, RSS)
     python scripts/bench.py --only train       # a training step, this model vs main's (~1 min)
+    python scripts/bench.py --only onedevice   # the one-device samplers at batch 1 and 8 (~3 min)
 
 1. Throughput and time to the first finished block of every sampler (block-major, step-major
    literal / streaming / fused, pipelined with S streams), on 1 and 2 threads.
@@ -12,6 +13,9 @@
 4. A training step (flow-matching loss, forward + backward, 12 frames) of this model against
    hiar.py at an earlier revision (`--before`, git; default: main before adaLN per frame),
    the same weights, interleaved.
+5. One device: block-major against step-major (fused; at t_j, no write pass), the two-stream
+   pipeline and the wavefront (an anti-diagonal a batched pass), at batch 1 and 8 on 1 and 2
+   threads, the samplers of each setting interleaved; ratios to block-major in that setting.
 The weights are random: speed and memory do not depend on them.
 """
 from __future__ import annotations
@@ -247,6 +251,54 @@ def train_step(args, cfg, dev):
               f"{best['before'] / best['now']:.2f}x | {diff:.1e} |", flush=True)
 
 
+def one_run(make_stream, dev):
+    """(total time, time to the first block) of consuming one block stream."""
+    _sync(dev)
+    t0, first = time.perf_counter(), None
+    for _ in make_stream():
+        if first is None:
+            _sync(dev)
+            first = time.perf_counter() - t0
+    _sync(dev)
+    return time.perf_counter() - t0, first
+
+
+def one_device(args, cfg, dev):
+    torch.manual_seed(0)
+    model = hiar.VideoDiT(cfg).eval().to(dev)
+    F, before = args.blocks * cfg.block, torch.get_num_threads()
+    print(f"## 5. One device: N = {args.blocks} blocks of {cfg.block} frames, K = {cfg.K}, "
+          f"{dev.type}, best of {args.repeats}, the samplers of a setting interleaved\n")
+    print("| batch | threads | sampler | frames/s | time to first block (ms) | frames/s vs "
+          "block-major | first block vs block-major |")
+    print("|---|---|---|---|---|---|---|")
+    for B, T in ((1, 1), (1, 2), (8, 1), (8, 2)):
+        noise = hiar.Noise(cfg, range(B), dev)
+        rows = {"block-major": lambda: hiar.block_major(model, noise, F),
+                "step-major, fused": lambda: hiar.step_major(model, noise, F, fused=True),
+                "step-major, t_j (no write pass)":
+                    lambda: hiar.step_major(model, noise, F, context_t="current"),
+                "pipelined S=2, fused (1 thread each)":
+                    lambda: hiar.pipelined(model, noise, F, streams=2, fused=True),
+                "wavefront": lambda: hiar.wavefront(model, noise, F),
+                "wavefront, t_j": lambda: hiar.wavefront(model, noise, F, context_t="current")}
+        if T == 1:                                     # two streams need two threads
+            del rows["pipelined S=2, fused (1 thread each)"]
+        torch.set_num_threads(T)
+        best = {}
+        with torch.no_grad():
+            for make in rows.values():                 # warm-up
+                list(make())
+            for _ in range(args.repeats):
+                for name, make in rows.items():
+                    best[name] = min(best.get(name, (1e9, 0)), one_run(make, dev))
+        base = best["block-major"]
+        for name, (total, first) in best.items():
+            print(f"| {B} | {T} | {name} | {F * B / total:.1f} | {1000 * first:.1f} | "
+                  f"{base[0] / total:.2f}x | {first / base[1]:.2f} |", flush=True)
+    torch.set_num_threads(before)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="toy")
@@ -255,7 +307,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="total CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--only", choices=["throughput", "stream", "cli", "train"], default=None)
+    p.add_argument("--only", choices=["throughput", "stream", "cli", "train", "onedevice"],
+                   default=None)
     p.add_argument("--before", default="f573fce", help="git revision of hiar.py that part 4 "
                    "compares with (default: main before adaLN per frame)")
     p.add_argument("--probe", nargs=2, metavar=("FRAMES", "SAMPLER"), help=argparse.SUPPRESS)
@@ -273,6 +326,8 @@ def main(argv=None):
         sample_cli(args)
     if args.only in (None, "train"):
         train_step(args, cfg, dev)
+    if args.only in (None, "onedevice"):
+        one_device(args, cfg, dev)
 
 
 if __name__ == "__main__":
