@@ -11,7 +11,7 @@ Map, in reading order (section banners mirror it): 1. Config; 2. Toy data, movin
 look is drawn per clip; 3. Schedule, flow matching with a σ-shift; 4. Model, a video transformer
 with adaLN per frame, block-causal attention, temporal RoPE, a KV cache; 5. Sampler pieces;
 6. Block-major, the CausVid / Self-Forcing sampler; 7. Step-major, HiAR's (Alg. 1), streamed;
-8. Pipelined, its wavefront; 9. Losses: flow matching (teacher forcing too), teacher ODE, DMD, FKL.
+8. Wavefront: threads or a batch; 9. Losses: flow matching (teacher forcing), teacher ODE, DMD, FKL.
 
 Time convention: σ ∈ [0, 1], x_σ = (1 − σ)·x0 + σ·ε; σ = 1 is noise, σ = 0 data.
 The network predicts the velocity v = ε − x0, so x0_hat = x_σ − σ·v_hat.
@@ -187,30 +187,19 @@ def frame_sigma(sigma, B: int, T: int, device=None) -> torch.Tensor:
 
 # ==== 4. Model: a video transformer with per-frame σ, block-causal attention, KV cache =======
 
-def attention_mask(q_frames, k_frames, block: int, window: int, causal: bool):
-    """Which key frames each query frame may see, (Lq, Lk) bool from absolute frame indices:
-    block-causal, blocks <= its own within `window` frames ending with its block; full: None."""
-    if not causal:
-        return None
-    q_start, k = (q_frames // block * block)[:, None], k_frames[None, :]
-    return (k < q_start + block) & (k >= q_start - (window - block))
-
-
 def rope(x, pos, base: float = 100.0):
     """Temporal RoPE at frame positions pos (L,), x (B, h, L, d): scores depend only on position
     *differences*, so a rolling window shows any length only offsets seen in training."""
-    d = x.shape[-1]
-    freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
-    ang = pos.to(torch.float32)[:, None] * freq[None]                                  # (L, d/2)
+    freq = base ** (-torch.arange(0, x.shape[-1], 2, device=x.device) / x.shape[-1])  # (d/2,)
+    ang = pos[:, None] * freq[None]                                                    # (L, d/2)
     cos, sin, x1, x2 = ang.cos(), ang.sin(), x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
 
 
 class KVCache:
     """Keys (before RoPE) and values of the context frames per layer: the newest of at most
-    `max_frames` (a rolling window) and the first `sink` (an attention sink, StreamingLLM). It
-    holds no frame numbers: its frames are the ones just before the next block, in order, so a
-    sink the window has left sits just before the oldest frame kept, an offset seen in training."""
+    `max_frames` (a rolling window) and the first `sink` (an attention sink, StreamingLLM), in
+    order just before the next block: a sink sits before the oldest frame kept, as in training."""
 
     def __init__(self, depth: int, max_frames: int, tokens_per_frame: int, sink: int = 0):
         self.k, self.v = [None] * depth, [None] * depth    # per layer (B, h, L, d)
@@ -221,11 +210,10 @@ class KVCache:
 
     def append(self, layer: int, k, v):
         """Append one layer's keys/values (B, h, L, d); keep the sink's and the newest."""
-        def keep(old, new):                    # gradient only if written with it (write)
-            t = new if old is None else torch.cat([old, new], -2)
+        for kv, new in ((self.k, k), (self.v, v)):   # gradient only if written with it (write)
+            t = new if kv[layer] is None else torch.cat([kv[layer], new], -2)
             s, L = self.sink, t.shape[-2]
-            return torch.cat([t[..., :s, :], t[..., max(s, L - self.max_tokens + s):, :]], -2)
-        self.k[layer], self.v[layer] = keep(self.k[layer], k), keep(self.v[layer], v)
+            kv[layer] = torch.cat([t[..., :s, :], t[..., max(s, L - self.max_tokens + s):, :]], -2)
 
 
 def modulate(x, shift, scale):
@@ -233,9 +221,8 @@ def modulate(x, shift, scale):
 
 
 def per_clip(linear: nn.Linear, c, parts):
-    """`linear` on the per-frame condition c (B, T, D), a product per video and part: a small
-    matrix product picks its kernel by its row count, so this keeps a video's numbers bitwise
-    independent of the batch it is in, and a fused pass's of the other block in that pass."""
+    """`linear` on the per-frame condition c (B, T, D), a product per video and part (a small one
+    picks its kernel by its row count): a video's numbers do not depend on its batch or pass."""
     W = linear.weight.t().expand(len(c), -1, -1)                                  # (B, D, out)
     return torch.cat([torch.baddbmm(linear.bias, c[:, a:z], W) for a, z, *_ in parts], 1)
 
@@ -309,24 +296,24 @@ class VideoDiT(nn.Module):
 
     def forward(self, x, sigma, label=None, frame0: int = 0, causal: bool = True,
                 cache: KVCache | None = None, write_frames: int = 0):
-        """x (B, T, 3, H, W) at levels sigma (B, T), (B,) or float, first frame frame0 → v_hat
-        (B, T, 3, H, W). With a cache, x follows its frames: the first write_frames see it and are
-        appended to it, the rest see it after that write (so a fused pass is exactly the write and
-        the denoise passes). RoPE counts frames from each part's first: no absolute positions."""
+        """x (B, T, 3, H, W) at levels sigma (B, T), (B,) or float, first frame frame0 → v_hat.
+        With a cache, x follows its frames: the first write_frames see it and are appended, the
+        rest see it after (a fused pass is the write and the denoise pass); RoPE counts from each
+        part's first frame."""
         cfg, p, P = self.cfg, self.cfg.patch, self.cfg.tokens_per_frame
         B, T, C, H, W = x.shape
         assert (C, H, W) == (3, cfg.size, cfg.size), f"frame shape {(C, H, W)} is not the model's"
         tok = x.reshape(B, T, C, H // p, p, W // p, p).permute(0, 1, 3, 5, 2, 4, 6)
         h = self.patch_in(tok.reshape(B, T, P, C * p * p)) + self.pos            # (B, T, P, D)
-        lab = as_labels(label, B, cfg.labels)
-        lab = torch.where(lab < 0, cfg.labels, lab)                  # -1 → the 'no label' row
+        lab = as_labels(label, B, cfg.labels) % (cfg.labels + 1)  # -1: the last, 'no label' row
         n, w = (len(cache) // P, write_frames) if cache is not None else (0, 0)  # context frames
         after = min(n + w, cache.max_tokens // P) if w else n          # … once w are written
         parts, spans = [], [(0, w, n, True)] * (w > 0) + [(w, T, after, False)] * (w < T)
         for a, z, n, write in spans:          # frames a:z with n context frames, written first
             pos = torch.arange(-n, z - a, device=x.device).repeat_interleave(P)     # (L_k,)
-            mask = attention_mask(frame0 + a + pos[n * P:], frame0 + a + pos, cfg.block,
-                                  cfg.window_frames, causal)
+            k = frame0 + a + pos           # block-causal: a query frame sees the blocks <= its own
+            q = (k[n * P:, None] // cfg.block + 1) * cfg.block     # within `window` frames to q
+            mask = (k < q) & (k >= q - cfg.window_frames) if causal else None    # (L_q, L_k)
             parts.append((a, z, pos, mask, write))
         e = timestep_embedding(frame_sigma(sigma, B, T, x.device), cfg.dim)        # (B, T, D)
         c = per_clip(self.t_mlp[2], F.silu(per_clip(self.t_mlp[0], e, parts)), parts)  # t_mlp(e)
@@ -437,8 +424,7 @@ def sample_step_major(model: VideoDiT, noise: Noise, frames: int, label=None, co
     `context_t` (Table 2): 'next' = t_{j+1} (HiAR's), 'current' = t_j or 'clean' = 0."""
     K, N, J, σ = _setup(model, noise, frames, exit_step, context_t)
     b, grad = model.cfg.block, torch.is_grad_enabled()
-    x = [noise(0, n) for n in range(N)]                               # every block at σ_0 = 1
-    out = [None] * N
+    x, out = [noise(0, n) for n in range(N)], [None] * N             # every block at σ_0 = 1
     for j in range(J + 1):                                            # Alg. 1: for each step
         cache = model.new_cache(sink)                                 #   the context of step j
         for n in range(N):                                            #   for each block
@@ -476,8 +462,7 @@ def step_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t
     if fused and torch.is_grad_enabled():           # see fused_pass: its gradients differ
         raise ValueError("fused=True is for inference: run it under torch.no_grad()")
     steps, b, grad = steps or range(J + 1), model.cfg.block, torch.is_grad_enabled()
-    cache = {j: model.new_cache(sink) for j in steps}                # one context per step
-    held = {}                                                        # fused: block n − 1's write
+    cache, held = {j: model.new_cache(sink) for j in steps}, {}      # held: block n − 1's write
     inputs = iter(inputs) if inputs is not None else (noise(0, n) for n in range(N))
     for n in range(N):
         x = next(inputs)                                             # block n at σ_{steps[0]}
@@ -498,10 +483,11 @@ def step_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t
             x = x_next
         yield x0_hat if steps[-1] == J else x
 
-# ==== 8. Pipelined step-major sampler: the wavefront ==============================================
+# ==== 8. The wavefront: a pipeline of threads, or a batched pass per anti-diagonal ===============
 # Cells on one anti-diagonal n + j are independent, so the steps run as a pipeline: stream s
 # owns a group of steps (a KV cache each) and runs block n in time slot n + s, then hands it on;
-# N blocks take N + S − 1 slots instead of N·S. (Across processes: sample.distributed.)
+# N blocks take N + S − 1 slots instead of N·S (across processes: sample.distributed). On one
+# device the cells of a diagonal run as one batched pass instead (Stream Batch, StreamDiffusion).
 
 
 def step_groups(K: int, S: int) -> list[range]:
@@ -572,15 +558,13 @@ def sample_pipelined(model: VideoDiT, noise: Noise, frames: int, label=None, **k
 @torch.no_grad()
 def wavefront(model: VideoDiT, noise: Noise, frames: int, label=None, context_t: str = "next",
               exit_step=None, x0_bias=0.0, sink: bool = False):
-    """Step-major on one device: the cells (d − j, j) of anti-diagonal d are independent, so those
-    whose caches hold as many frames (all, once the windows are full) run as one batched pass, a
-    row group per step reading and writing its own step's cache (Stream Batch, StreamDiffusion):
-    a pass a block, not K. A cell is step_major's fused pass (t_j: its own), so, Alg. 1's video."""
+    """Step-major on one device: the cells (d − j, j) of diagonal d whose caches hold as many frames
+    (all, once the windows are full) run as one pass, a row group per step reading and writing its
+    own step's cache: a pass a block, not K. A cell is step_major's fused pass (t_j: its own)."""
     K, N, J, σ = _setup(model, noise, frames, exit_step, context_t)
     B, b, own = noise.batch, model.cfg.block, context_t == "current"
     lab, σ_row = as_labels(label, B, model.cfg.labels), [torch.full((B,), s) for s in σ]
-    cache, x_c, σ_c = [model.new_cache(sink) for _ in range(J + 1)], {}, {}  # held: step_major's
-    x = {0: noise(0, 0)}                                   # x[j]: the block for cell (d − j, j)
+    cache, x, x_c, σ_c = [model.new_cache(sink) for _ in range(J + 1)], {0: noise(0, 0)}, {}, {}
     for d in range(N + J):                                             # anti-diagonal n + j = d
         x_new, groups = {0: noise(0, d + 1)} if d + 1 < N else {}, {}
         for j in x:                               # the cells as far into their windows: a pass
