@@ -197,9 +197,8 @@ def rope(x, pos, base: float = 100.0):
 
 
 class KVCache:
-    """Keys (before RoPE) and values of the context frames per layer: the newest of at most
-    `max_frames` (a rolling window) and the first `sink` (an attention sink, StreamingLLM), in
-    order just before the next block: a sink sits before the oldest frame kept, as in training."""
+    """Keys (before RoPE), values per layer of the context, in order up to the next block: the
+    newest of at most `max_frames` (a rolling window), the first `sink` (StreamingLLM) before."""
 
     def __init__(self, depth: int, max_frames: int, tokens_per_frame: int, sink: int = 0):
         self.k, self.v = [None] * depth, [None] * depth    # per layer (B, h, L, d)
@@ -208,12 +207,11 @@ class KVCache:
     def __len__(self):                                     # tokens, once every layer has them
         return 0 if self.k[-1] is None else self.k[-1].shape[-2]
 
-    def append(self, layer: int, k, v):
-        """Append one layer's keys/values (B, h, L, d); keep the sink's and the newest."""
-        for kv, new in ((self.k, k), (self.v, v)):   # gradient only if written with it (write)
-            t = new if kv[layer] is None else torch.cat([kv[layer], new], -2)
-            s, L = self.sink, t.shape[-2]
-            kv[layer] = torch.cat([t[..., :s, :], t[..., max(s, L - self.max_tokens + s):, :]], -2)
+    def store(self, layer: int, k, v):
+        """One layer's keys/values (B, h, L, d), context then new: keep the sink's, the newest."""
+        s, new = self.sink, max(self.sink, k.shape[-2] - self.max_tokens + self.sink)
+        self.k[layer] = torch.cat([k[..., :s, :], k[..., new:, :]], -2)
+        self.v[layer] = torch.cat([v[..., :s, :], v[..., new:, :]], -2)
 
 
 def modulate(x, shift, scale):
@@ -253,8 +251,8 @@ class DiTBlock(nn.Module):
             if cache is not None and cache.k[layer] is not None:        # context first
                 k_p = torch.cat([cache.k[layer], k_p], -2)
                 v_p = torch.cat([cache.v[layer], v_p], -2)
-            if write:
-                cache.append(layer, k[:, :, a * P:z * P], v[:, :, a * P:z * P])
+            if write:                      # (with their gradient only if written with it)
+                cache.store(layer, k_p, v_p)
             q_p, k_p = rope(q[:, :, a * P:z * P], pos[(a - z) * P:]), rope(k_p, pos)
             att.append(F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=mask))
         x = x + gate_msa * self.proj(torch.cat(att, 2).transpose(1, 2).reshape(B, T, P, D))
@@ -297,15 +295,13 @@ class VideoDiT(nn.Module):
     def forward(self, x, sigma, label=None, frame0: int = 0, causal: bool = True,
                 cache: KVCache | None = None, write_frames: int = 0):
         """x (B, T, 3, H, W) at levels sigma (B, T), (B,) or float, first frame frame0 → v_hat.
-        With a cache, x follows its frames: the first write_frames see it and are appended, the
-        rest see it after (a fused pass is the write and the denoise pass); RoPE counts from each
-        part's first frame."""
+        With a cache x follows it: the first write_frames see it and are appended, the rest see it
+        after (a fused pass: write, then denoise); RoPE counts from each part's first frame."""
         cfg, p, P = self.cfg, self.cfg.patch, self.cfg.tokens_per_frame
         B, T, C, H, W = x.shape
         assert (C, H, W) == (3, cfg.size, cfg.size), f"frame shape {(C, H, W)} is not the model's"
         tok = x.reshape(B, T, C, H // p, p, W // p, p).permute(0, 1, 3, 5, 2, 4, 6)
         h = self.patch_in(tok.reshape(B, T, P, C * p * p)) + self.pos            # (B, T, P, D)
-        lab = as_labels(label, B, cfg.labels) % (cfg.labels + 1)  # -1: the last, 'no label' row
         n, w = (len(cache) // P, write_frames) if cache is not None else (0, 0)  # context frames
         after = min(n + w, cache.max_tokens // P) if w else n          # … once w are written
         parts, spans = [], [(0, w, n, True)] * (w > 0) + [(w, T, after, False)] * (w < T)
@@ -317,7 +313,8 @@ class VideoDiT(nn.Module):
             parts.append((a, z, pos, mask, write))
         e = timestep_embedding(frame_sigma(sigma, B, T, x.device), cfg.dim)        # (B, T, D)
         c = per_clip(self.t_mlp[2], F.silu(per_clip(self.t_mlp[0], e, parts)), parts)  # t_mlp(e)
-        c = c + self.label_emb(lab.to(x.device))[:, None]            # a frame's condition
+        lab = as_labels(label, B, cfg.labels) % (cfg.labels + 1)      # -1: the 'no label' row
+        c += self.label_emb(lab.to(x.device))[:, None]                # a frame's condition
         for i, blk in enumerate(self.blocks):
             h = blk(h, c, parts, cache, i)
         shift, scale = per_clip(self.adaLN_out, c, parts)[:, :, None].chunk(2, dim=-1)
@@ -524,8 +521,7 @@ def pipelined(model: VideoDiT, noise: Noise, frames: int, label=None, context_t:
 
     def stage(s):                                      # stream s: its steps on every block
         try:
-            if threads_per_stream:
-                torch.set_num_threads(threads_per_stream)
+            torch.set_num_threads(threads_per_stream or torch.get_num_threads())   # None: as is
             own = torch.cuda.stream(torch.cuda.Stream(noise.device)) if cuda else None
             inputs = (noise(0, n) if s == 0 else take(pipes[s]) for n in range(N))
             with torch.no_grad(), own or contextlib.nullcontext():
@@ -558,11 +554,10 @@ def sample_pipelined(model: VideoDiT, noise: Noise, frames: int, label=None, **k
 @torch.no_grad()
 def wavefront(model: VideoDiT, noise: Noise, frames: int, label=None, context_t: str = "next",
               exit_step=None, x0_bias=0.0, sink: bool = False):
-    """Step-major on one device: the cells (d − j, j) of diagonal d whose caches hold as many frames
-    (all, once the windows are full) run as one pass, a row group per step reading and writing its
-    own step's cache: a pass a block, not K. A cell is step_major's fused pass (t_j: its own)."""
+    """Step-major on one device: the cells of an anti-diagonal whose caches hold as many frames run
+    as one pass, a row group per step with its own cache; a cell is step_major's fused pass."""
     K, N, J, σ = _setup(model, noise, frames, exit_step, context_t)
-    B, b, own = noise.batch, model.cfg.block, context_t == "current"
+    B, b, own, clean = noise.batch, model.cfg.block, context_t == "current", context_t == "clean"
     lab, σ_row = as_labels(label, B, model.cfg.labels), [torch.full((B,), s) for s in σ]
     cache, x, x_c, σ_c = [model.new_cache(sink) for _ in range(J + 1)], {0: noise(0, 0)}, {}, {}
     for d in range(N + J):                                             # anti-diagonal n + j = d
@@ -584,8 +579,7 @@ def wavefront(model: VideoDiT, noise: Noise, frames: int, label=None, context_t:
                 x0_hat = x[j] - σ[j] * v + x0_bias
                 x_next = add_noise(x0_hat, noise(j + 1, d - j), σ[j + 1]) if j + 1 < K else x0_hat
                 if not own:                      # Eq. 9: block n's context, its next pass writes
-                    x_c[j], σ_c[j] = (x0_hat, σ_row[K]) if context_t == "clean" else (
-                        x_next, σ_row[j + 1])
+                    x_c[j], σ_c[j] = (x0_hat, σ_row[K]) if clean else (x_next, σ_row[j + 1])
                 if j < J:
                     x_new[j + 1] = x_next                               # cell (d − j, j + 1)
                 else:

@@ -446,12 +446,12 @@ def test_orders_differ_for_k_above_1(cfg, model):
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_rolling_window_bounds_the_cache(cfg, model, sampler, monkeypatch):
-    held, orig = [], hiar.KVCache.append
+    held, orig = [], hiar.KVCache.store
 
     def spy(self, layer, k, v):
         orig(self, layer, k, v)
         held.append(self.k[layer].shape[-2] // cfg.tokens_per_frame)
-    monkeypatch.setattr(hiar.KVCache, "append", spy)
+    monkeypatch.setattr(hiar.KVCache, "store", spy)
     long = 4 * cfg.frames
     with torch.no_grad():
         video = sampler(model, noise(cfg), long)
@@ -605,12 +605,12 @@ def test_blocks_held_do_not_grow_with_the_video(cfg, model, name, fn, monkeypatc
     """Count (not time) what a streaming sampler holds: live block-sized tensors while it runs
     (the caller drops each block), and the frames in every KV cache."""
     shape = (2, cfg.block, 3, cfg.size, cfg.size)
-    frames_held, orig = [], hiar.KVCache.append
+    frames_held, orig = [], hiar.KVCache.store
 
     def spy(self, layer, k, v):
         orig(self, layer, k, v)
         frames_held.append(self.k[layer].shape[-2] // cfg.tokens_per_frame)
-    monkeypatch.setattr(hiar.KVCache, "append", spy)
+    monkeypatch.setattr(hiar.KVCache, "store", spy)
     peaks = []
     for N in (5, 20):
         counts = []
@@ -2292,12 +2292,12 @@ def test_wavefront_is_the_literal_loop_in_one_pass_per_diagonal(cfg, monkeypatch
     the rolling window, batch 1 and 4, K = 4); per diagonal one pass for the cells whose caches
     are full (K rows of the batch), one per cell before; K caches, none past the window."""
     m, N, W = random_model(cfg, 7), 9, cfg.window_frames // cfg.block - 1     # W context blocks
-    rows, held, append = [], [], hiar.KVCache.append
+    rows, held, append = [], [], hiar.KVCache.store
 
     def spy(self, layer, k, v):
         append(self, layer, k, v)
         held.append(self.k[layer].shape[-2] // cfg.tokens_per_frame)
-    monkeypatch.setattr(hiar.KVCache, "append", spy)
+    monkeypatch.setattr(hiar.KVCache, "store", spy)
     handle = m.register_forward_hook(lambda mod, a, out: rows.append(len(a[0])))
     for B, ctx, sink in [(B, c, s) for B in (1, 4) for c in hiar.CONTEXT_LEVELS
                          for s in (False, True)]:
