@@ -2127,7 +2127,7 @@ def test_cfg_direction_averages_over_background_pixels_per_label():
 
 
 # ------------------------------------------------------------------------------------------------
-# issue 32: the fused pass with the sink; the whole option grid against the literal Alg. 1 loop
+# One device: the fused pass with the sink, the option grid against Alg. 1, the wavefront
 # ------------------------------------------------------------------------------------------------
 
 @pytest.fixture
