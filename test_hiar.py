@@ -2324,7 +2324,7 @@ def test_wavefront_streams_prefixes_in_bounded_memory(cfg, model, one_thread):
         short = streamed(hiar.wavefront, model, noise(cfg), cfg.frames + cfg.block, lab)
     assert torch.equal(long[:, :short.shape[1]], short)
     shape, peaks = (2, cfg.block, 3, cfg.size, cfg.size), []
-    for N in (6, 24):
+    for N in (6, 14):
         counts = []
         with torch.no_grad():
             for x in hiar.wavefront(model, noise(cfg), N * cfg.block, lab):
@@ -2338,10 +2338,9 @@ def test_sample_cli_wavefront_gives_the_literal_loops_videos(tmp_path):
     """`sample.py --sampler wavefront` streams hiar.wavefront: the literal loop's videos, with the
     sink, a context level and the bias passed through."""
     ck = smoke_ckpt(tmp_path)
-    r = run_cli("sample.py", "--ckpt", str(ck), "--frames", "20", "--num", "2", "--sink",
-                "--sampler", "wavefront", "--context-t", "clean", "--bias", "0.05", "--gif", "",
-                "--no-metrics", "--npy", str(tmp_path / "w.npy"))
-    assert r.returncode == 0, r.stderr
+    sample.main(["--ckpt", str(ck), "--frames", "20", "--num", "2", "--sink", "--sampler",
+                 "wavefront", "--context-t", "clean", "--bias", "0.05", "--gif", "",
+                 "--no-metrics", "--npy", str(tmp_path / "w.npy"), "--device", "cpu"])
     model, _ = sample.load_student(str(ck), "cpu")
     with torch.no_grad():
         v = hiar.sample_step_major(model, hiar.Noise(model.cfg, [0, 1]), 20, torch.tensor([0, 1]),
