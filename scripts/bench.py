@@ -3,7 +3,8 @@
     python scripts/bench.py                    # ~5 min on the 2-core CPU
     python scripts/bench.py --only stream      # just the long-video table (per-frame time, RSS)
     python scripts/bench.py --only train       # a training step, this model vs main's (~1 min)
-    python scripts/bench.py --only onedevice   # the one-device samplers at batch 1 and 8 (~3 min)
+    python scripts/bench.py --only onedevice   # the one-device samplers at batch 1 and 8 (~2 min)
+    python scripts/bench.py --only onedevice train     # both, as docs/streaming.md reports them
 
 1. Throughput and time to the first finished block of every sampler (block-major, step-major
    literal / streaming / fused, pipelined with S streams), on 1 and 2 threads.
@@ -308,7 +309,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2, help="total CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--only", choices=["throughput", "stream", "cli", "train", "onedevice"],
-                   default=None)
+                   nargs="+", default=None, help="run only these parts")
     p.add_argument("--before", default="f573fce", help="git revision of hiar.py that part 4 "
                    "compares with (default: main before adaLN per frame)")
     p.add_argument("--probe", nargs=2, metavar=("FRAMES", "SAMPLER"), help=argparse.SUPPRESS)
@@ -318,15 +319,15 @@ def main(argv=None):
     cfg = hiar.Config.preset(args.preset)
     dev = torch.device(args.device)
     print(f"# scripts/bench.py: preset {args.preset}, {dev.type}, torch {torch.__version__}\n")
-    if args.only in (None, "throughput"):
+    if args.only is None or "throughput" in args.only:
         throughput(args, cfg, dev)
-    if args.only in (None, "stream"):
+    if args.only is None or "stream" in args.only:
         long_videos(args, cfg)
-    if args.only in (None, "cli") and dev.type == "cpu":
+    if (args.only is None or "cli" in args.only) and dev.type == "cpu":
         sample_cli(args)
-    if args.only in (None, "train"):
+    if args.only is None or "train" in args.only:
         train_step(args, cfg, dev)
-    if args.only in (None, "onedevice"):
+    if args.only is None or "onedevice" in args.only:
         one_device(args, cfg, dev)
 
 
