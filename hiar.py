@@ -11,7 +11,7 @@ Map, in reading order (section banners mirror it): 1. Config; 2. Toy data, movin
 look is drawn per clip; 3. Schedule, flow matching with a σ-shift; 4. Model, a video transformer
 with adaLN per frame, block-causal attention, temporal RoPE, a KV cache; 5. Sampler pieces;
 6. Block-major, the CausVid / Self-Forcing sampler; 7. Step-major, HiAR's (Alg. 1), streamed;
-8. Pipelined, its wavefront; 9. Losses: flow matching (teacher forcing too), teacher ODE, DMD, FKL.
+8. Wavefront: threads or a batch; 9. Losses: flow matching (teacher forcing), teacher ODE, DMD, FKL.
 
 Time convention: σ ∈ [0, 1], x_σ = (1 − σ)·x0 + σ·ε; σ = 1 is noise, σ = 0 data.
 The network predicts the velocity v = ε − x0, so x0_hat = x_σ − σ·v_hat.
@@ -19,6 +19,7 @@ The network predicts the velocity v = ε − x0, so x0_hat = x_σ − σ·v_hat.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import queue
 import threading
@@ -186,59 +187,42 @@ def frame_sigma(sigma, B: int, T: int, device=None) -> torch.Tensor:
 
 # ==== 4. Model: a video transformer with per-frame σ, block-causal attention, KV cache =======
 
-def attention_mask(q_frames, k_frames, block: int, window: int, causal: bool):
-    """Which key frames each query frame may see, (Lq, Lk) bool from absolute frame indices:
-    block-causal, blocks <= its own within `window` frames ending with its block; full: None."""
-    if not causal:
-        return None
-    q_start, k = (q_frames // block * block)[:, None], k_frames[None, :]
-    return (k < q_start + block) & (k >= q_start - (window - block))
-
-
-def rope(x, frame, base: float = 100.0):
-    """Temporal RoPE over the frame index, x (B, h, L, d), frame (L,): scores depend only on frame
+def rope(x, pos, base: float = 100.0):
+    """Temporal RoPE at frame positions pos (L,), x (B, h, L, d): scores depend only on position
     *differences*, so a rolling window shows any length only offsets seen in training."""
-    d = x.shape[-1]
-    freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
-    ang = frame.to(torch.float32)[:, None] * freq[None]                                # (L, d/2)
+    freq = base ** (-torch.arange(0, x.shape[-1], 2, device=x.device) / x.shape[-1])  # (d/2,)
+    ang = pos[:, None] * freq[None]                                                    # (L, d/2)
     cos, sin, x1, x2 = ang.cos(), ang.sin(), x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
 
 
 class KVCache:
-    """Keys (before RoPE) and values of the context frames per layer: the newest of at most
-    `max_frames` (a rolling window) and the first `sink` (an attention sink, StreamingLLM)."""
+    """Keys (before RoPE), values per layer of the context, in order up to the next block: the
+    newest of at most `max_frames` (a rolling window), the first `sink` (StreamingLLM) before."""
 
     def __init__(self, depth: int, max_frames: int, tokens_per_frame: int, sink: int = 0):
         self.k, self.v = [None] * depth, [None] * depth    # per layer (B, h, L, d)
-        self.frame = None                                  # (L,) absolute frame of each token
         self.max_tokens, self.sink = max_frames * tokens_per_frame, sink * tokens_per_frame
 
-    def __len__(self):
-        return 0 if self.frame is None else len(self.frame)
+    def __len__(self):                                     # tokens, once every layer has them
+        return 0 if self.k[-1] is None else self.k[-1].shape[-2]
 
-    def append(self, layer: int, k, v, frame):
-        """Append one layer's keys/values (B, h, L, d) of frames `frame` (L,); keep the newest."""
-        def newest(old, new, dim=-2):                  # … and the sink's, before them
-            t = new if old is None else torch.cat([old, new], dim)
-            s, L = self.sink, t.shape[dim]
-            return torch.cat([t.narrow(dim, 0, s), t.narrow(dim, max(s, L - self.max_tokens + s),
-                                                            min(L, self.max_tokens) - s)], dim)
-        self.k[layer] = newest(self.k[layer], k)    # gradient only if written with it (write)
-        self.v[layer] = newest(self.v[layer], v)
-        if layer == len(self.k) - 1:       # after the last layer: all layers saw the old index
-            self.frame = newest(self.frame, frame, 0)
-
-    def frames(self):
-        """Each token's frame as queries see it (RoPE rotates its key to it): a sink the window
-        has left moves up to just before the oldest frame kept, an offset seen in training."""
-        s, f = self.sink, self.frame
-        d = int(f[s] - f[s - 1]) - 1 if 0 < s < len(f) else 0     # the gap the sink closes
-        return torch.cat([f[:s] + d, f[s:]])
+    def store(self, layer: int, k, v):
+        """One layer's keys/values (B, h, L, d), context then new: keep the sink's, the newest."""
+        s, new = self.sink, max(self.sink, k.shape[-2] - self.max_tokens + self.sink)
+        self.k[layer] = torch.cat([k[..., :s, :], k[..., new:, :]], -2)
+        self.v[layer] = torch.cat([v[..., :s, :], v[..., new:, :]], -2)
 
 
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
+
+
+def per_clip(linear: nn.Linear, c, parts):
+    """`linear` on the per-frame condition c (B, T, D), a product per video and part (a small one
+    picks its kernel by its row count): a video's numbers do not depend on its batch or pass."""
+    W = linear.weight.t().expand(len(c), -1, -1)                                  # (B, D, out)
+    return torch.cat([torch.baddbmm(linear.bias, c[:, a:z], W) for a, z, *_ in parts], 1)
 
 
 class DiTBlock(nn.Module):
@@ -254,22 +238,24 @@ class DiTBlock(nn.Module):
                                  nn.Linear(4 * dim, dim))
         self.adaLN_modulation = nn.Linear(dim, 6 * dim)         # zero at init: VideoDiT
 
-    def forward(self, x, c, frame, k_frame, mask, cache: KVCache | None, layer: int, write: int):
-        # x, c: (B, L, D) tokens and condition; frame (L,); k_frame, mask columns: context + L
-        B, L, D = x.shape
-        (shift_msa, scale_msa, gate_msa,
-         shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c).chunk(6, dim=-1)
-        q, k, v = self.qkv(modulate(self.norm1(x), shift_msa, scale_msa)).view(
-            B, L, 3, self.heads, -1).unbind(2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))                 # (B, h, L, d)
-        k_all, v_all = k, v
-        if cache is not None and len(cache):                              # context first
-            k_all, v_all = torch.cat([cache.k[layer], k], -2), torch.cat([cache.v[layer], v], -2)
-        if cache is not None and write:                                   # first `write` tokens
-            cache.append(layer, k[:, :, :write], v[:, :, :write], frame[:write])
-        q, k_all = rope(q, frame), rope(k_all, k_frame)         # keys at their (moved) frames
-        att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
-        x = x + gate_msa * self.proj(att.transpose(1, 2).reshape(B, L, D))
+    def forward(self, x, c, parts, cache: KVCache | None, layer: int):
+        # x (B, T, P, D) tokens; c (B, T, D) the condition of each frame; parts: VideoDiT.forward
+        B, T, P, D = x.shape
+        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,      # (B, T, 1, D) each: once a
+         gate_mlp) = per_clip(self.adaLN_modulation, c, parts)[:, :, None].chunk(6, -1)  # frame
+        qkv = self.qkv(modulate(self.norm1(x), shift_msa, scale_msa))            # (B, T, P, 3D)
+        q, k, v = qkv.view(B, T * P, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, h, L, d)
+        att = []
+        for a, z, pos, mask, write in parts:               # frames a:z, first the ones written
+            k_p, v_p = k[:, :, a * P:z * P], v[:, :, a * P:z * P]
+            if cache is not None and cache.k[layer] is not None:        # context first
+                k_p = torch.cat([cache.k[layer], k_p], -2)
+                v_p = torch.cat([cache.v[layer], v_p], -2)
+            if write:                      # (with their gradient only if written with it)
+                cache.store(layer, k_p, v_p)
+            q_p, k_p = rope(q[:, :, a * P:z * P], pos[(a - z) * P:]), rope(k_p, pos)
+            att.append(F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=mask))
+        x = x + gate_msa * self.proj(torch.cat(att, 2).transpose(1, 2).reshape(B, T, P, D))
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -308,29 +294,31 @@ class VideoDiT(nn.Module):
 
     def forward(self, x, sigma, label=None, frame0: int = 0, causal: bool = True,
                 cache: KVCache | None = None, write_frames: int = 0):
-        """x (B, T, 3, H, W) at levels sigma (B, T), (B,) or float, first frame frame0 → v_hat
-        (B, T, 3, H, W). With a cache x also sees its frames, and appends its first write_frames."""
-        cfg, p = self.cfg, self.cfg.patch
+        """x (B, T, 3, H, W) at levels sigma (B, T), (B,) or float, first frame frame0 → v_hat.
+        With a cache x follows it: the first write_frames see it and are appended, the rest see it
+        after (a fused pass: write, then denoise); RoPE counts from each part's first frame."""
+        cfg, p, P = self.cfg, self.cfg.patch, self.cfg.tokens_per_frame
         B, T, C, H, W = x.shape
         assert (C, H, W) == (3, cfg.size, cfg.size), f"frame shape {(C, H, W)} is not the model's"
-        P = cfg.tokens_per_frame
         tok = x.reshape(B, T, C, H // p, p, W // p, p).permute(0, 1, 3, 5, 2, 4, 6)
-        tok = tok.reshape(B, T * P, C * p * p)                                   # (B, L, C·p·p)
-        h = self.patch_in(tok) + self.pos.repeat(T, 1)                          # (B, L, D)
-        s = frame_sigma(sigma, B, T, x.device)                                   # (B, T)
-        lab = as_labels(label, B, cfg.labels)
-        lab = torch.where(lab < 0, cfg.labels, lab)                  # -1 → the 'no label' row
-        # one video at a time: a small matrix product picks its kernel by its row count, and
-        # this keeps video i's numbers bitwise independent of the batch it is in
-        c = torch.stack([self.t_mlp(e) for e in timestep_embedding(s, cfg.dim)])  # (B, T, D)
-        c = (c + self.label_emb(lab.to(x.device))[:, None]).repeat_interleave(P, 1)  # (B, L, D)
-        frame = torch.arange(frame0, frame0 + T, device=x.device).repeat_interleave(P)  # (L,)
-        k_frame = torch.cat([cache.frames(), frame]) if cache is not None and len(cache) else frame
-        mask = attention_mask(frame, k_frame, cfg.block, cfg.window_frames, causal)
+        h = self.patch_in(tok.reshape(B, T, P, C * p * p)) + self.pos            # (B, T, P, D)
+        n, w = (len(cache) // P, write_frames) if cache is not None else (0, 0)  # context frames
+        after = min(n + w, cache.max_tokens // P) if w else n          # … once w are written
+        parts, spans = [], [(0, w, n, True)] * (w > 0) + [(w, T, after, False)] * (w < T)
+        for a, z, n, write in spans:          # frames a:z with n context frames, written first
+            pos = torch.arange(-n, z - a, device=x.device).repeat_interleave(P)     # (L_k,)
+            k = frame0 + a + pos           # block-causal: a query frame sees the blocks <= its own
+            q = (k[n * P:, None] // cfg.block + 1) * cfg.block     # within `window` frames to q
+            mask = (k < q) & (k >= q - cfg.window_frames) if causal else None    # (L_q, L_k)
+            parts.append((a, z, pos, mask, write))
+        e = timestep_embedding(frame_sigma(sigma, B, T, x.device), cfg.dim)        # (B, T, D)
+        c = per_clip(self.t_mlp[2], F.silu(per_clip(self.t_mlp[0], e, parts)), parts)  # t_mlp(e)
+        lab = as_labels(label, B, cfg.labels) % (cfg.labels + 1)      # -1: the 'no label' row
+        c += self.label_emb(lab.to(x.device))[:, None]                # a frame's condition
         for i, blk in enumerate(self.blocks):
-            h = blk(h, c, frame, k_frame, mask, cache, i, write_frames * P)
-        shift, scale = self.adaLN_out(c).chunk(2, dim=-1)
-        out = self.patch_out(modulate(self.norm_out(h), shift, scale))         # (B, L, C·p·p)
+            h = blk(h, c, parts, cache, i)
+        shift, scale = per_clip(self.adaLN_out, c, parts)[:, :, None].chunk(2, dim=-1)
+        out = self.patch_out(modulate(self.norm_out(h), shift, scale))       # (B, T, P, C·p·p)
         out = out.reshape(B, T, H // p, W // p, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)
         return out.reshape(B, T, C, H, W)
 
@@ -386,8 +374,9 @@ def write(model: VideoDiT, cache: KVCache, x_c, σ_c, n: int, label, grad: bool 
         model(x_c, σ_c, label, frame0=n * b, cache=cache, write_frames=b)
 
 
-def _setup(model: VideoDiT, noise, frames: int, exit_step):
+def _setup(model: VideoDiT, noise, frames: int, exit_step, context_t: str = "next"):
     """(K, N, J, σ): steps, blocks, the last step run (the exit step j* in training), levels."""
+    assert context_t in CONTEXT_LEVELS, f"context_t={context_t!r}: one of {CONTEXT_LEVELS}"
     K, b, shape = noise.K, model.cfg.block, (model.cfg.block, 3, model.cfg.size, model.cfg.size)
     assert noise.shape == shape, f"noise draws blocks of {noise.shape}, the model {shape}"
     assert frames % b == 0, f"frames={frames}: whole blocks of {b}"
@@ -430,11 +419,9 @@ def sample_step_major(model: VideoDiT, noise: Noise, frames: int, label=None, co
     """Paper Alg. 1: for each step j a fresh cache; for each block n, cell (n, j), then block n
     is written at the context level t_c (Eq. 9) for the blocks after it; 2K passes a block.
     `context_t` (Table 2): 'next' = t_{j+1} (HiAR's), 'current' = t_j or 'clean' = 0."""
-    K, N, J, σ = _setup(model, noise, frames, exit_step)
-    assert context_t in CONTEXT_LEVELS, f"context_t={context_t!r}: one of {CONTEXT_LEVELS}"
+    K, N, J, σ = _setup(model, noise, frames, exit_step, context_t)
     b, grad = model.cfg.block, torch.is_grad_enabled()
-    x = [noise(0, n) for n in range(N)]                               # every block at σ_0 = 1
-    out = [None] * N
+    x, out = [noise(0, n) for n in range(N)], [None] * N             # every block at σ_0 = 1
     for j in range(J + 1):                                            # Alg. 1: for each step
         cache = model.new_cache(sink)                                 #   the context of step j
         for n in range(N):                                            #   for each block
@@ -451,7 +438,7 @@ def sample_step_major(model: VideoDiT, noise: Noise, frames: int, label=None, co
     return torch.cat(out, 1)
 
 
-def fused_pass(model: VideoDiT, cache: KVCache, x_c, σ_c, x, σ_j: float, n: int, label):
+def fused_pass(model: VideoDiT, cache: KVCache, x_c, σ_c, x, σ_j, n: int, label):
     """The paper's fused pass: write block n − 1 (at σ_c) and denoise block n (at σ_j) in one
     forward with per-frame levels → v_hat of block n; a step costs N passes, not 2N. Inference
     only: here block n sees block n − 1's keys *with* their gradient; the cache's are detached."""
@@ -466,38 +453,38 @@ def step_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t
                inputs=None, cache_grad: bool = False, sink: bool = False):
     """Step-major as a stream. Cell (n, j) needs only (n − 1, j), via step j's cache, and
     (n, j − 1), its input, so this order (block n's steps before block n + 1's; K caches, one
-    block held) gives Alg. 1's video bitwise. As a pipeline stage: run only `steps` on blocks
-    from `inputs`, yield each at σ_{steps[-1] + 1} (x0_hat after the last or exit step)."""
-    K, N, J, σ = _setup(model, noise, frames, exit_step)
-    assert context_t in CONTEXT_LEVELS, f"context_t={context_t!r}: one of {CONTEXT_LEVELS}"
+    block held) gives Alg. 1's video bitwise; at t_j in K passes a block, not 2K. As a pipeline
+    stage: run only `steps` on blocks from `inputs`, yield each at σ_{steps[-1] + 1}."""
+    K, N, J, σ = _setup(model, noise, frames, exit_step, context_t)
     if fused and torch.is_grad_enabled():           # see fused_pass: its gradients differ
         raise ValueError("fused=True is for inference: run it under torch.no_grad()")
     steps, b, grad = steps or range(J + 1), model.cfg.block, torch.is_grad_enabled()
-    cache = {j: model.new_cache(sink) for j in steps}                # one context per step
-    held = {}                                                        # fused: block n − 1's write
+    cache, held = {j: model.new_cache(sink) for j in steps}, {}      # held: block n − 1's write
     inputs = iter(inputs) if inputs is not None else (noise(0, n) for n in range(N))
     for n in range(N):
         x = next(inputs)                                             # block n at σ_{steps[0]}
-        for j in steps:
+        for j in steps:        # t_j: the cell's pass is block n's write (same input and cache)
+            own = context_t == "current" and n + 1 < N and not (grad and j == J)  # (cache_grad)
             with torch.set_grad_enabled(grad and j == J):
-                x0_hat = x - σ[j] * (fused_pass(model, cache[j], *held[j], x, σ[j], n, label)
-                                     if j in held else
-                                     model(x, σ[j], label, frame0=n * b, cache=cache[j])) + x0_bias
+                v_hat = (fused_pass(model, cache[j], *held[j], x, σ[j], n, label) if j in held else
+                         model(x, σ[j], label, frame0=n * b, cache=cache[j], write_frames=b * own))
+                x0_hat = x - σ[j] * v_hat + x0_bias
             x_next = add_noise(x0_hat, noise(j + 1, n), σ[j + 1]) if j + 1 < K else x0_hat
             x_c, σ_c = x_next, σ[j + 1]                             # Eq. 9, as above
             if context_t != "next":
                 x_c, σ_c = (x, σ[j]) if context_t == "current" else (x0_hat, 0.0)
-            if fused:
+            if fused and not own:
                 held[j] = (x_c.detach(), σ_c)                        # written by the next pass
-            elif n + 1 < N:
+            elif n + 1 < N and not own:
                 write(model, cache[j], x_c, σ_c, n, label, cache_grad and j == J)
             x = x_next
         yield x0_hat if steps[-1] == J else x
 
-# ==== 8. Pipelined step-major sampler: the wavefront ==============================================
+# ==== 8. The wavefront: a pipeline of threads, or a batched pass per anti-diagonal ===============
 # Cells on one anti-diagonal n + j are independent, so the steps run as a pipeline: stream s
 # owns a group of steps (a KV cache each) and runs block n in time slot n + s, then hands it on;
-# N blocks take N + S − 1 slots instead of N·S. (Across processes: sample.distributed.)
+# N blocks take N + S − 1 slots instead of N·S (across processes: sample.distributed). On one
+# device the cells of a diagonal run as one batched pass instead (Stream Batch, StreamDiffusion).
 
 
 def step_groups(K: int, S: int) -> list[range]:
@@ -534,8 +521,7 @@ def pipelined(model: VideoDiT, noise: Noise, frames: int, label=None, context_t:
 
     def stage(s):                                      # stream s: its steps on every block
         try:
-            if threads_per_stream:
-                torch.set_num_threads(threads_per_stream)
+            torch.set_num_threads(threads_per_stream or torch.get_num_threads())   # None: as is
             own = torch.cuda.stream(torch.cuda.Stream(noise.device)) if cuda else None
             inputs = (noise(0, n) if s == 0 else take(pipes[s]) for n in range(N))
             with torch.no_grad(), own or contextlib.nullcontext():
@@ -565,6 +551,42 @@ def pipelined(model: VideoDiT, noise: Noise, frames: int, label=None, context_t:
 def sample_pipelined(model: VideoDiT, noise: Noise, frames: int, label=None, **kw):
     """The whole video (B, frames, 3, H, W) from `pipelined`."""
     return torch.cat(list(pipelined(model, noise, frames, label, **kw)), 1)
+
+
+@torch.no_grad()
+def wavefront(model: VideoDiT, noise: Noise, frames: int, label=None, context_t: str = "next",
+              exit_step=None, x0_bias=0.0, sink: bool = False):
+    """Step-major on one device: the cells of an anti-diagonal whose caches hold as many frames run
+    as one pass, a row group per step with its own cache; a cell is step_major's fused pass."""
+    K, N, J, σ = _setup(model, noise, frames, exit_step, context_t)
+    B, b, own, clean = noise.batch, model.cfg.block, context_t == "current", context_t == "clean"
+    lab, σ_row = as_labels(label, B, model.cfg.labels), [torch.full((B,), s) for s in σ]
+    cache, x, x_c, σ_c = [model.new_cache(sink) for _ in range(J + 1)], {0: noise(0, 0)}, {}, {}
+    for d in range(N + J):                                             # anti-diagonal n + j = d
+        x_new, groups = {0: noise(0, d + 1)} if d + 1 < N else {}, {}
+        for j in x:                               # the cells as far into their windows: a pass
+            groups.setdefault((len(cache[j]), j in x_c), []).append(j)
+        for js in groups.values():
+            n, R, c = d - js[0], len(js), copy.copy(cache[js[0]])     # their caches as one
+            c.k = [t[0] if R == 1 else torch.cat(t) for t in zip(*(cache[j].k for j in js))]
+            c.v = [t[0] if R == 1 else torch.cat(t) for t in zip(*(cache[j].v for j in js))]
+            rows = lambda a: torch.cat([a[j] for j in js])                # noqa: E731 (R·B, …)
+            v_hat = fused_pass(model, c, rows(x_c), rows(σ_c), rows(x), rows(σ_row), n,
+                               lab.repeat(R)) if js[0] in x_c else model(
+                rows(x), rows(σ_row), lab.repeat(R), frame0=n * b, cache=c, write_frames=b * own)
+            for i, j in enumerate(js):                            # each step its rows back
+                cache[j].k = [t if R == 1 else t.chunk(R)[i] for t in c.k]
+                cache[j].v = [t if R == 1 else t.chunk(R)[i] for t in c.v]
+            for j, v in zip(js, v_hat.split(B)):          # cell (d − j, j), as in step_major
+                x0_hat = x[j] - σ[j] * v + x0_bias
+                x_next = add_noise(x0_hat, noise(j + 1, d - j), σ[j + 1]) if j + 1 < K else x0_hat
+                if not own:                      # Eq. 9: block n's context, its next pass writes
+                    x_c[j], σ_c[j] = (x0_hat, σ_row[K]) if clean else (x_next, σ_row[j + 1])
+                if j < J:
+                    x_new[j + 1] = x_next                               # cell (d − j, j + 1)
+                else:
+                    yield x0_hat
+        x = x_new
 
 
 # ==== 9. Losses ===================================================================================

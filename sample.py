@@ -644,7 +644,7 @@ def metric_table(results: dict, data_key: str = "data") -> str:
 # Streaming generation: a sampler as a stream of blocks
 # ------------------------------------------------------------------------------------------------
 
-SAMPLER_NAMES = ("block", "step", "pipelined")
+SAMPLER_NAMES = ("block", "step", "pipelined", "wavefront")
 
 
 def block_stream(model, sampler: str, noise, frames: int, label, context_t: str,
@@ -655,6 +655,8 @@ def block_stream(model, sampler: str, noise, frames: int, label, context_t: str,
         return hiar.block_major(model, noise, frames, label, x0_bias=x0_bias, sink=sink)
     if sampler == "step":
         return hiar.step_major(model, noise, frames, label, context_t, x0_bias=x0_bias, sink=sink)
+    if sampler == "wavefront":                         # step-major, a batched pass a diagonal
+        return hiar.wavefront(model, noise, frames, label, context_t, x0_bias=x0_bias, sink=sink)
     if x0_bias:
         raise CLIError("--bias is not available with --sampler pipelined; use step (the same "
                        "video)")
@@ -713,8 +715,9 @@ def data_stream(cfg: hiar.Config, num: int, seed: int, frames: int, label):
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", default="ode_init", help="checkpoint path or shipped name")
-    p.add_argument("--sampler", default=None, help="block, step or pipelined (default: the "
-                   "checkpoint's own order; both side by side for the ODE-init student)")
+    p.add_argument("--sampler", default=None, help="block, step, pipelined or wavefront "
+                   "(step-major, a batched pass per anti-diagonal; default: the checkpoint's own "
+                   "order; both side by side for the ODE-init student)")
     p.add_argument("--frames", type=int, default=None,
                    help="frames per video (default 8× the training length); a last partial "
                         "block is generated whole and cut")
@@ -831,7 +834,7 @@ def main(argv=None):
         check_world_size(world, cfg.K)
     writer_rank = not world or rank == world - 1
     name = Path(args.ckpt).stem
-    rows = {"data": None, **{f"{name}: {s}" + ("" if s == "pipelined" else "-major"): s
+    rows = {"data": None, **{f"{name}: {s}" + ("-major" if s in ("block", "step") else ""): s
                              for s in samplers}}
     # every output is checked before any work, and written under a temporary name: a bad path,
     # a full disk or Ctrl-C loses nothing

@@ -449,12 +449,12 @@ def test_orders_differ_for_k_above_1(cfg, model):
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_rolling_window_bounds_the_cache(cfg, model, sampler, monkeypatch):
-    held, orig = [], hiar.KVCache.append
+    held, orig = [], hiar.KVCache.store
 
-    def spy(self, layer, k, v, frame):
-        orig(self, layer, k, v, frame)
+    def spy(self, layer, k, v):
+        orig(self, layer, k, v)
         held.append(self.k[layer].shape[-2] // cfg.tokens_per_frame)
-    monkeypatch.setattr(hiar.KVCache, "append", spy)
+    monkeypatch.setattr(hiar.KVCache, "store", spy)
     long = 4 * cfg.frames
     with torch.no_grad():
         video = sampler(model, noise(cfg), long)
@@ -608,12 +608,12 @@ def test_blocks_held_do_not_grow_with_the_video(cfg, model, name, fn, monkeypatc
     """Count (not time) what a streaming sampler holds: live block-sized tensors while it runs
     (the caller drops each block), and the frames in every KV cache."""
     shape = (2, cfg.block, 3, cfg.size, cfg.size)
-    frames_held, orig = [], hiar.KVCache.append
+    frames_held, orig = [], hiar.KVCache.store
 
-    def spy(self, layer, k, v, frame):
-        orig(self, layer, k, v, frame)
+    def spy(self, layer, k, v):
+        orig(self, layer, k, v)
         frames_held.append(self.k[layer].shape[-2] // cfg.tokens_per_frame)
-    monkeypatch.setattr(hiar.KVCache, "append", spy)
+    monkeypatch.setattr(hiar.KVCache, "store", spy)
     peaks = []
     for N in (5, 20):
         counts = []
@@ -1571,7 +1571,8 @@ def test_gpu_script_runs_every_lever_and_packs_the_results(tmp_path):
     env = {**os.environ, "PRESET": "smoke", "DEVICE": "cpu", "OUT": str(tmp_path), "BUDGET": "300"}
     work = tmp_path / "repo"                        # the code alone; runs/gpu is made there
     (work / "scripts").mkdir(parents=True)
-    for f in ("hiar.py", "sample.py", "train_toy.py", "scripts/gpu_runs.sh"):
+    for f in ("hiar.py", "sample.py", "train_toy.py", "scripts/gpu_runs.sh",
+              "scripts/bench.py"):
         (work / f).write_bytes((HERE / f).read_bytes())
     r = subprocess.run(["bash", "scripts/gpu_runs.sh"], cwd=work, env=env, capture_output=True,
                        text=True, timeout=400)
@@ -1586,6 +1587,7 @@ def test_gpu_script_runs_every_lever_and_packs_the_results(tmp_path):
             <= set(tar)
     assert {f"ship_r48_sink{k}/{o}_s0.pt" for k in ("true", "false")
             for o in ("hiar", "self_forcing")} <= set(names["r48"])
+    assert "bench_onedevice.log" in names["logs"]          # the one-device samplers' speed
 
 
 @pytest.mark.slow
@@ -2700,3 +2702,223 @@ def test_a_finished_run_makes_only_its_missing_gifs(tmp_path, capsys, monkeypatc
         assert (tmp_path / f"{name}.gif").read_bytes()[:6] == b"GIF89a"
     assert (tmp_path / "teacher.gif").read_bytes() == b"kept" == (
         tmp_path / "self_forcing.gif").read_bytes()
+# ------------------------------------------------------------------------------------------------
+# One device: the fused pass with the sink, the option grid against Alg. 1, the wavefront
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A torch.distributed group of one process (gloo), so sample.distributed runs in-process."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def streamed(fn, *a, **kw):
+    return torch.cat(list(fn(*a, **kw)), 1)
+
+
+@pytest.mark.parametrize("context_t", hiar.CONTEXT_LEVELS)
+def test_fused_pass_with_the_sink_is_alg1_past_the_window(cfg, context_t, one_rank, one_thread):
+    """In a fused pass block n − 1 is written and block n denoised; block n must see the cache
+    after that write, whose window has dropped block n − W and shows the sink in its slot, not
+    the cache before it (block n − W in the window and the sink outside it: the old bug). Two
+    layers against the literal loop; one layer against the no-cache oracle too."""
+    F, lab = 4 * cfg.frames, torch.tensor([0, 1])
+    for depth in (1, 2):
+        m = random_model(dataclasses.replace(cfg, depth=depth), depth)
+        with torch.no_grad():
+            alg1 = hiar.sample_step_major(m, noise(cfg), F, lab, context_t=context_t, sink=True)
+            runs = [streamed(hiar.step_major, m, noise(cfg), F, lab, context_t, fused=True,
+                             sink=True),
+                    hiar.sample_pipelined(m, noise(cfg), F, lab, context_t=context_t,
+                                          fused=True, sink=True),
+                    streamed(sample.distributed, m, noise(cfg), F, lab, context_t, fused=True,
+                             sink=True)]
+            if depth == 1:
+                runs.append(reference_sample(m, noise(cfg), F, lab, context_t=context_t,
+                                             sink=True))
+            plain = hiar.sample_step_major(m, noise(cfg), F, lab, context_t=context_t)
+        assert not torch.allclose(alg1, plain, atol=1e-3)          # the sink matters here
+        for video in runs:
+            assert torch.allclose(video, alg1, atol=1e-5), (depth, (video - alg1).abs().max())
+
+
+def test_every_streamed_sampler_and_option_pair_is_the_literal_alg1_loop(cfg, one_rank,
+                                                                         one_thread):
+    """The whole grid, past the window (the sink moved), against sample_step_major: every
+    streamed sampler × context level × sink × fused × bias × exit step × streams, so that no
+    pair of options can drift apart unseen (the pipelines take no bias and no exit step)."""
+    import itertools
+    m, F, lab = random_model(cfg, 5), 2 * cfg.frames, torch.tensor([1, 0])
+    for ctx, sink, bias, J in itertools.product(hiar.CONTEXT_LEVELS, (False, True), (0.0, 0.05),
+                                                range(cfg.K)):
+        kw = dict(context_t=ctx, sink=sink)
+        with torch.no_grad():
+            alg1 = hiar.sample_step_major(m, noise(cfg), F, lab, exit_step=J, x0_bias=bias, **kw)
+            runs = {f"step_major fused={f}": streamed(hiar.step_major, m, noise(cfg), F, lab,
+                                                      fused=f, exit_step=J, x0_bias=bias, **kw)
+                    for f in (False, True)}
+            if bias == 0 and J == cfg.K - 1:
+                for f, S in itertools.product((False, True), range(1, cfg.K + 1)):
+                    runs[f"pipelined fused={f} streams={S}"] = hiar.sample_pipelined(
+                        m, noise(cfg), F, lab, streams=S, fused=f, **kw)
+                for f in (False, True):
+                    runs[f"distributed fused={f}"] = streamed(
+                        sample.distributed, m, noise(cfg), F, lab, fused=f, **kw)
+            runs["wavefront"] = streamed(hiar.wavefront, m, noise(cfg), F, lab, exit_step=J,
+                                         x0_bias=bias, **kw)
+        for name, video in runs.items():                    # bitwise: one thread, one video
+            assert torch.equal(video, alg1), (name, ctx, sink, bias, J)   # per product
+
+
+def test_a_blocks_output_does_not_depend_on_its_absolute_position(cfg, model):
+    """RoPE counts frames from the first frame of the part being computed, and the cache holds no
+    frame numbers, so a block at frame 10^5 gets the output it gets at frame 4b, bitwise (there,
+    absolute angles would have lost float32 precision): a denoise, a fused and a no-cache pass."""
+    b, lab = cfg.block, torch.tensor([0, 1])
+    x = [noise(cfg)(0, n) for n in range(6)]
+    outs = []
+    for first in (0, 50_000):                                       # the first block's index
+        cache = model.new_cache(sink=True)
+        with torch.no_grad():
+            for n in range(4):
+                hiar.write(model, cache, x[n], 0.5, first + n, lab)
+            denoised = model(x[4], 1.0, lab, frame0=(first + 4) * b, cache=cache)
+            fused = hiar.fused_pass(model, cache, x[4], 0.5, x[5], 1.0, first + 5, lab)
+            whole = model(torch.cat(x, 1), 0.5, lab, frame0=first * b)
+        outs.append(torch.cat([denoised, fused, whole], 1))
+    assert torch.equal(*outs)
+
+
+def test_adaln_modulation_is_per_frame(cfg):
+    """The condition is computed once per frame and broadcast to that frame's tokens: with the
+    attention silenced (no token sees another), a new σ for frame t changes every token of frame
+    t and nothing else, bitwise."""
+    m = random_model(cfg, 6)
+    for blk in m.blocks:
+        torch.nn.init.zeros_(blk.proj.weight), torch.nn.init.zeros_(blk.proj.bias)
+    x = torch.randn(2, cfg.frames, 3, cfg.size, cfg.size)
+    s = torch.rand(2, cfg.frames)
+    t = 3
+    s2 = s.clone()
+    s2[:, t] += 0.3
+    with torch.no_grad():
+        a, b = m(x, s, torch.tensor([0, 1])), m(x, s2, torch.tensor([0, 1]))
+    same = (a == b).flatten(2).all(-1)                                # (B, T): frame unchanged
+    assert same[:, :t].all() and same[:, t + 1:].all() and not same[:, t].any()
+    p = cfg.patch                                    # every token (patch) of frame t changed
+    patches = (a[:, t] != b[:, t]).unflatten(2, (-1, p)).unflatten(-1, (-1, p)).any(-1).any(-2)
+    assert patches.all()
+
+
+def test_fused_pass_is_bitwise_the_write_and_the_denoise_pass(cfg, model, one_thread):
+    """A fused pass computes each of its two blocks as its own pass would (the condition of each
+    block its own product, attention in two parts), so the fused samplers give the literal loop's
+    video bitwise, with and without the sink, and leave the cache the unfused passes leave."""
+    F, lab = 3 * cfg.frames, torch.tensor([0, 1])
+    with torch.no_grad():
+        for context_t, sink in [(c, s) for c in hiar.CONTEXT_LEVELS for s in (False, True)]:
+            alg1 = hiar.sample_step_major(model, noise(cfg), F, lab, context_t=context_t,
+                                          sink=sink)
+            assert torch.equal(alg1, fused_step_major(model, noise(cfg), F, lab,
+                                                      context_t=context_t, sink=sink))
+        x = [noise(cfg)(0, n) for n in range(5)]
+        one, two = model.new_cache(sink=True), model.new_cache(sink=True)
+        for n in range(4):
+            hiar.write(model, one, x[n], 0.5, n, lab)
+        v_one = model(x[4], 1.0, lab, frame0=4 * cfg.block, cache=one)
+        for n in range(3):
+            hiar.write(model, two, x[n], 0.5, n, lab)
+        v_two = hiar.fused_pass(model, two, x[3], 0.5, x[4], 1.0, 4, lab)
+    assert torch.equal(v_one, v_two)
+    assert all(torch.equal(a, b) for a, b in zip(one.k + one.v, two.k + two.v))
+
+
+def test_context_tj_needs_no_write_pass(cfg, model, monkeypatch):
+    """With context at t_j the write of block n into step j's cache is cell (n, j)'s own pass
+    (same input, same cache): step_major runs K passes a block, not 2K, and leaves the video and
+    every cache the literal loop's write passes leave, bitwise (past the window, ± the sink)."""
+    made, orig = [], hiar.VideoDiT.new_cache
+    monkeypatch.setattr(hiar.VideoDiT, "new_cache", lambda *a: made.append(orig(*a)) or made[-1])
+    N, lab = 7, torch.tensor([1, 0])
+    calls, handle = count_passes(model)
+    try:
+        with torch.no_grad():
+            for sink, fused in ((False, False), (True, False), (True, True)):
+                made.clear()
+                alg1 = hiar.sample_step_major(model, noise(cfg), N * cfg.block, lab,
+                                              context_t="current", sink=sink)
+                literal, made[:] = list(made), []
+                calls.clear()
+                video = streamed(hiar.step_major, model, noise(cfg), N * cfg.block, lab,
+                                 "current", fused=fused, sink=sink)
+                assert len(calls) == cfg.K * N and torch.equal(video, alg1)
+                assert len(made) == len(literal) == cfg.K
+                for a, b in zip(literal, made):
+                    assert torch.equal(torch.stack(a.k + a.v), torch.stack(b.k + b.v))
+    finally:
+        handle.remove()
+
+
+
+def test_wavefront_is_the_literal_loop_in_one_pass_per_diagonal(cfg, monkeypatch, one_thread):
+    """The one-device wavefront: Alg. 1's video bitwise (every context level, ± the sink, across
+    the rolling window, batch 1 and 4, K = 4); per diagonal one pass for the cells whose caches
+    are full (K rows of the batch), one per cell before; K caches, none past the window."""
+    m, N, W = random_model(cfg, 7), 9, cfg.window_frames // cfg.block - 1     # W context blocks
+    rows, held, append = [], [], hiar.KVCache.store
+
+    def spy(self, layer, k, v):
+        append(self, layer, k, v)
+        held.append(self.k[layer].shape[-2] // cfg.tokens_per_frame)
+    monkeypatch.setattr(hiar.KVCache, "store", spy)
+    handle = m.register_forward_hook(lambda mod, a, out: rows.append(len(a[0])))
+    for B, ctx, sink in [(B, c, s) for B in (1, 4) for c in hiar.CONTEXT_LEVELS
+                         for s in (False, True)]:
+        n, lab = hiar.Noise(cfg, range(30, 30 + B), K=4), torch.arange(B) % cfg.labels
+        with torch.no_grad():
+            alg1 = hiar.sample_step_major(m, n, N * cfg.block, lab, context_t=ctx, sink=sink)
+            rows.clear()
+            wave = streamed(hiar.wavefront, m, n, N * cfg.block, lab, ctx, sink=sink)
+        assert torch.equal(wave, alg1), (B, ctx, sink)
+        first = W + (ctx != "current")       # a cell's cache is full from block W + 1 (t_j: W)
+        assert len(rows) == 4 * first + (N + 4 - 1 - first), (B, ctx, rows)
+        assert max(rows) == 4 * B and rows.count(4 * B) == N - first - 4 + 1
+    handle.remove()
+    assert max(held) == cfg.window_frames - cfg.block
+
+
+def test_wavefront_streams_prefixes_in_bounded_memory(cfg, model, one_thread):
+    """A generator of finished blocks: a shorter video is a prefix of a longer one, and what it
+    holds (block-sized tensors: K inputs, K held writes, the block in flight) does not grow with
+    the video's length."""
+    lab = torch.tensor([1, 0])
+    with torch.no_grad():
+        long = streamed(hiar.wavefront, model, noise(cfg), 4 * cfg.frames, lab)
+        short = streamed(hiar.wavefront, model, noise(cfg), cfg.frames + cfg.block, lab)
+    assert torch.equal(long[:, :short.shape[1]], short)
+    shape, peaks = (2, cfg.block, 3, cfg.size, cfg.size), []
+    for N in (6, 14):
+        counts = []
+        with torch.no_grad():
+            for x in hiar.wavefront(model, noise(cfg), N * cfg.block, lab):
+                del x
+                counts.append(_live_blocks(shape))
+        peaks.append(max(counts))
+    assert peaks[0] == peaks[1] <= 3 * cfg.K + 1, peaks
+
+
+def test_sample_cli_wavefront_gives_the_literal_loops_videos(tmp_path):
+    """`sample.py --sampler wavefront` streams hiar.wavefront: the literal loop's videos, with the
+    sink, a context level and the bias passed through."""
+    ck = smoke_ckpt(tmp_path)
+    sample.main(["--ckpt", str(ck), "--frames", "20", "--num", "2", "--sink", "--sampler",
+                 "wavefront", "--context-t", "clean", "--bias", "0.05", "--gif", "",
+                 "--no-metrics", "--npy", str(tmp_path / "w.npy"), "--device", "cpu"])
+    model, _ = sample.load_student(str(ck), "cpu")
+    with torch.no_grad():
+        v = hiar.sample_step_major(model, hiar.Noise(model.cfg, [0, 1]), 20, torch.tensor([0, 1]),
+                                   context_t="clean", x0_bias=0.05, sink=True)
+    assert np.array_equal(sample.to_uint8(v), np.load(tmp_path / "w.npy"))

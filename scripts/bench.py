@@ -2,17 +2,27 @@
 
     python scripts/bench.py                    # ~5 min on the 2-core CPU
     python scripts/bench.py --only stream      # just the long-video table (per-frame time, RSS)
+    python scripts/bench.py --only train       # a training step, this model vs main's (~1 min)
+    python scripts/bench.py --only onedevice   # the one-device samplers at batch 1 and 8 (~2 min)
+    python scripts/bench.py --only onedevice train     # both, as docs/streaming.md reports them
 
 1. Throughput and time to the first finished block of every sampler (block-major, step-major
    literal / streaming / fused, pipelined with S streams), on 1 and 2 threads.
 2. Long videos: per-frame time and peak memory at 1×, 10× and 100× the training length for each
    streaming sampler, each in a fresh process (peak RSS, or peak CUDA memory on a GPU).
 3. `python sample.py` itself at 600 and 6000 frames: peak RSS of the whole command.
+4. A training step (flow-matching loss, forward + backward, 12 frames) of this model against
+   hiar.py at an earlier revision (`--before`, git; default: main before adaLN per frame),
+   the same weights, interleaved.
+5. One device: block-major against step-major (fused; at t_j, no write pass), the two-stream
+   pipeline and the wavefront (an anti-diagonal a batched pass), at batch 1 and 8 on 1 and 2
+   threads, the samplers of each setting interleaved; ratios to block-major in that setting.
 The weights are random: speed and memory do not depend on them.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -194,6 +204,103 @@ def sample_cli(args):
         print(f"\n6000 / 600 frames: peak RSS {res[6000][0] / res[600][0]:.3f}")
 
 
+def hiar_at(rev: str):
+    """hiar.py as it was at git revision `rev`, imported as its own module."""
+    text = subprocess.run(["git", "show", f"{rev}:hiar.py"], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp()) / "hiar_before.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("hiar_before", path)
+    module = sys.modules["hiar_before"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def train_step(args, cfg, dev):
+    """Forward + backward of the flow-matching loss (the teacher's and the critic's step; the
+    student's rollouts run the same model), this hiar.py against `args.before`'s, same weights."""
+    old = hiar_at(args.before)
+    torch.manual_seed(0)
+    new_model = hiar.VideoDiT(cfg).to(dev)
+    for p in new_model.parameters():                   # adaLN-zero would leave half the net idle
+        torch.nn.init.normal_(p, std=0.05)
+    old_model = old.VideoDiT(old.Config(**cfg.to_dict())).to(dev)
+    old_model.load_state_dict(new_model.state_dict())
+    torch.set_num_threads(args.threads)
+    print(f"## 4. Training step: flow-matching loss, forward + backward, {cfg.frames} frames, "
+          f"{args.threads} threads, best of {args.repeats} (interleaved); before = hiar.py at "
+          f"{args.before}\n")
+    print("| batch | before (ms) | now (ms) | speed-up | max |v_hat before − now| |")
+    print("|---|---|---|---|---|")
+    for B in (8, 16):
+        g = torch.Generator().manual_seed(B)
+        x0 = torch.randn(B, cfg.frames, 3, cfg.size, cfg.size, generator=g).to(dev)
+        eps, sigma = torch.randn(x0.shape, generator=g).to(dev), torch.rand(B, generator=g).to(dev)
+        lab = torch.arange(B) % cfg.labels
+        with torch.no_grad():                          # the same function, to float rounding
+            diff = (old_model(x0, sigma, lab) - new_model(x0, sigma, lab)).abs().max().item()
+        best = {}
+        for _ in range(args.repeats):
+            for name, module, model in (("before", old, old_model), ("now", hiar, new_model)):
+                module.flow_loss(model, x0, sigma, eps, lab).backward()          # warm-up
+                _sync(dev)
+                t = time.perf_counter()
+                for _ in range(3):
+                    module.flow_loss(model, x0, sigma, eps, lab).backward()
+                _sync(dev)
+                best[name] = min(best.get(name, 1e9), (time.perf_counter() - t) / 3)
+        print(f"| {B} | {1000 * best['before']:.0f} | {1000 * best['now']:.0f} | "
+              f"{best['before'] / best['now']:.2f}x | {diff:.1e} |", flush=True)
+
+
+def one_run(make_stream, dev):
+    """(total time, time to the first block) of consuming one block stream."""
+    _sync(dev)
+    t0, first = time.perf_counter(), None
+    for _ in make_stream():
+        if first is None:
+            _sync(dev)
+            first = time.perf_counter() - t0
+    _sync(dev)
+    return time.perf_counter() - t0, first
+
+
+def one_device(args, cfg, dev):
+    torch.manual_seed(0)
+    model = hiar.VideoDiT(cfg).eval().to(dev)
+    F, before = args.blocks * cfg.block, torch.get_num_threads()
+    print(f"## 5. One device: N = {args.blocks} blocks of {cfg.block} frames, K = {cfg.K}, "
+          f"{dev.type}, best of {args.repeats}, the samplers of a setting interleaved\n")
+    print("| batch | threads | sampler | frames/s | time to first block (ms) | frames/s vs "
+          "block-major | first block vs block-major |")
+    print("|---|---|---|---|---|---|---|")
+    for B, T in ((1, 1), (1, 2), (8, 1), (8, 2)):
+        noise = hiar.Noise(cfg, range(B), dev)
+        rows = {"block-major": lambda: hiar.block_major(model, noise, F),
+                "step-major, fused": lambda: hiar.step_major(model, noise, F, fused=True),
+                "step-major, t_j (no write pass)":
+                    lambda: hiar.step_major(model, noise, F, context_t="current"),
+                "pipelined S=2, fused (1 thread each)":
+                    lambda: hiar.pipelined(model, noise, F, streams=2, fused=True),
+                "wavefront": lambda: hiar.wavefront(model, noise, F),
+                "wavefront, t_j": lambda: hiar.wavefront(model, noise, F, context_t="current")}
+        if T == 1:                                     # two streams need two threads
+            del rows["pipelined S=2, fused (1 thread each)"]
+        torch.set_num_threads(T)
+        best = {}
+        with torch.no_grad():
+            for make in rows.values():                 # warm-up
+                list(make())
+            for _ in range(args.repeats):
+                for name, make in rows.items():
+                    best[name] = min(best.get(name, (1e9, 0)), one_run(make, dev))
+        base = best["block-major"]
+        for name, (total, first) in best.items():
+            print(f"| {B} | {T} | {name} | {F * B / total:.1f} | {1000 * first:.1f} | "
+                  f"{base[0] / total:.2f}x | {first / base[1]:.2f} |", flush=True)
+    torch.set_num_threads(before)
+
+
 def main(argv=None):
     p = sample.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="toy")
@@ -202,7 +309,10 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="total CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--only", choices=["throughput", "stream", "cli"], default=None)
+    p.add_argument("--only", choices=["throughput", "stream", "cli", "train", "onedevice"],
+                   nargs="+", default=None, help="run only these parts")
+    p.add_argument("--before", default="f573fce", help="git revision of hiar.py that part 4 "
+                   "compares with (default: main before adaLN per frame)")
     p.add_argument("--probe", nargs=2, metavar=("FRAMES", "SAMPLER"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     sample.check(args.preset in hiar.PRESETS, "--preset", args.preset,
@@ -214,12 +324,16 @@ def main(argv=None):
     cfg = hiar.Config.preset(args.preset)
     dev = sample.pick_device(args.device)
     print(f"# scripts/bench.py: preset {args.preset}, {dev.type}, torch {torch.__version__}\n")
-    if args.only in (None, "throughput"):
+    if args.only is None or "throughput" in args.only:
         throughput(args, cfg, dev)
-    if args.only in (None, "stream"):
+    if args.only is None or "stream" in args.only:
         long_videos(args, cfg)
-    if args.only in (None, "cli") and dev.type == "cpu":
+    if (args.only is None or "cli" in args.only) and dev.type == "cpu":
         sample_cli(args)
+    if args.only is None or "train" in args.only:
+        train_step(args, cfg, dev)
+    if args.only is None or "onedevice" in args.only:
+        one_device(args, cfg, dev)
 
 
 if __name__ == "__main__":

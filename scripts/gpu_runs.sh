@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The long-video levers in one GPU call, every run its own process, side by side: 48-frame
+# The one-device samplers' speed (scripts/bench.py --only onedevice: the GPU column of
+# docs/streaming.md, in logs.tar as bench_onedevice.log), then the long-video levers in one GPU
+# call, every run its own process, side by side: 48-frame
 # rollouts (both orders, with and without the sink, seed 0) and Causal Forcing's ODE init with
 # the nine matched students on it (seeds 0-2). On this 2-core CPU that is ~4 h; tried here with
 # PRESET=smoke DEVICE=cpu (the test suite runs it so), not yet on a GPU.
@@ -12,9 +14,12 @@ P=${PRESET:-toy}; D=${DEVICE:-cuda}; OUT=${OUT:-/tmp/out}; R=runs/gpu
 A="--preset $P --device $D"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT" $R
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > $R/gpu.txt 2>&1
+
+# 0. The one-device samplers (block-major, step-major, the pipeline, the wavefront), GPU alone
+timeout 150 python3 scripts/bench.py $A --only onedevice > $R/bench_onedevice.log 2>&1
 end=$(( $(date +%s) + ${BUDGET:-420} ))
 left() { echo $(( end - $(date +%s) )); }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > $R/gpu.txt 2>&1
 
 # 1. 48-frame rollouts (4 windows) from the shipped ODE init, seed 0, both orders, +/- the sink
 for o in hiar self_forcing; do for sk in false true; do
