@@ -4,8 +4,8 @@
 
 Nothing here is drawn by hand: a small model runs `hiar.sample_block_major` and
 `hiar.sample_step_major`, and a spy on its forward pass records every pass in the order the
-sampler makes it — which block it denoises at which step, and the σ at which each context frame
-it attends to was written into the KV cache. The figure is that record: one step × block grid
+sampler makes it — which block it denoises at which step, and the σ at which each context block
+in its KV cache was written there (the figure's window holds every block). The figure is that record: one step × block grid
 per order, each cell numbered by when it runs and coloured by its context's noise level; and the
 step-major grid's anti-diagonals n + j, whose cells need only (n − 1, j) and (n, j − 1) and so can
 run at once (the wavefront).
@@ -13,6 +13,7 @@ run at once (the wavefront).
 from __future__ import annotations
 
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -30,7 +31,8 @@ def record_cells(sampler, cfg: hiar.Config, frames: int, **kw) -> list[dict]:
     torch.manual_seed(0)
     model = hiar.VideoDiT(cfg).eval()
     sigmas = hiar.student_sigmas(cfg.K, cfg.shift)
-    written, cells, forward = {}, [], model.forward        # written[(cache, block)] = σ_c
+    written = weakref.WeakKeyDictionary()          # written[cache][block] = σ it was written at
+    cells, forward = [], model.forward
 
     def level(s, i):                    # σ of frame i of a pass (a float or a per-frame tensor)
         return float(s) if not torch.is_tensor(s) or s.dim() == 0 else float(s.reshape(-1, s.shape
@@ -38,14 +40,12 @@ def record_cells(sampler, cfg: hiar.Config, frames: int, **kw) -> list[dict]:
 
     def spy(x, sigma, label=None, frame0=0, cache=None, write_frames=0, **k):
         b, T = cfg.block, x.shape[1]
-        seen = sorted({int(f) // b for f in cache.frame}) if cache is not None and len(cache) \
-            else []
         if write_frames:                                   # a write: its block becomes context
-            written[(id(cache), frame0 // b)] = level(sigma, 0)
+            written.setdefault(cache, {})[frame0 // b] = level(sigma, 0)
         if T > write_frames:                               # a denoising pass of the last block
             n, s = (frame0 + T - 1) // b, level(sigma, T - 1)
             cells.append({"n": n, "j": min(range(cfg.K), key=lambda j: abs(sigmas[j] - s)),
-                          "sigma": s, "context": {m: written[(id(cache), m)] for m in seen}})
+                          "sigma": s, "context": dict(written.get(cache, {}) if cache is not None else {})})
         return forward(x, sigma, label, frame0=frame0, cache=cache, write_frames=write_frames,
                        **k)
 
