@@ -123,7 +123,8 @@ def probe(args):
     make = {"block": lambda F: hiar.block_major(model, noise, F),
             "step": lambda F: hiar.step_major(model, noise, F),
             "pipelined": lambda F: hiar.pipelined(model, noise, F, streams=2,
-                                                  threads_per_stream=max(1, args.threads // 2))}
+                                                  threads_per_stream=max(1, args.threads // 2)),
+            "wavefront": lambda F: hiar.wavefront(model, noise, F)}
     with torch.no_grad():
         for _ in make[sampler](cfg.frames):                           # warm-up: 1× length
             pass
@@ -163,7 +164,7 @@ def long_videos(args, cfg):
     print(f"| sampler | video length | per-frame time (ms): mean, median of blocks | {mem} |")
     print("|---|---|---|---|")
     per = {}
-    for sampler in ("block", "step", "pipelined"):
+    for sampler in ("block", "step", "pipelined", "wavefront"):
         for mult in (1, 10, 100):
             out = subprocess.run(
                 [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch),
@@ -176,7 +177,7 @@ def long_videos(args, cfg):
                   f"{r['per_frame_ms']:.2f}, {r['median_ms']:.2f} | {r['peak_mb']:.0f} |",
                   flush=True)
     print()
-    for sampler in ("block", "step", "pipelined"):
+    for sampler in ("block", "step", "pipelined", "wavefront"):
         a, b = per[sampler, 10], per[sampler, 100]
         print(f"{sampler}: 100x / 10x peak memory {b['peak_mb'] / a['peak_mb']:.3f}, per-frame "
               f"time {b['median_ms'] / a['median_ms']:.3f} (median; mean "
@@ -227,7 +228,7 @@ def train_step(args, cfg, dev):
     old_model = old.VideoDiT(old.Config(**cfg.to_dict())).to(dev)
     old_model.load_state_dict(new_model.state_dict())
     torch.set_num_threads(args.threads)
-    print(f"## 4. Training step: flow-matching loss, forward + backward, {cfg.frames} frames, "
+    print(f"\n## 4. Training step: flow-matching loss, forward + backward, {cfg.frames} frames, "
           f"{args.threads} threads, best of {args.repeats} (interleaved); before = hiar.py at "
           f"{args.before}\n")
     print("| batch | before (ms) | now (ms) | speed-up | max |v_hat before − now| |")
@@ -269,7 +270,7 @@ def one_device(args, cfg, dev):
     torch.manual_seed(0)
     model = hiar.VideoDiT(cfg).eval().to(dev)
     F, before = args.blocks * cfg.block, torch.get_num_threads()
-    print(f"## 5. One device: N = {args.blocks} blocks of {cfg.block} frames, K = {cfg.K}, "
+    print(f"\n## 5. One device: N = {args.blocks} blocks of {cfg.block} frames, K = {cfg.K}, "
           f"{dev.type}, best of {args.repeats}, the samplers of a setting interleaved\n")
     print("| batch | threads | sampler | frames/s | time to first block (ms) | frames/s vs "
           "block-major | first block vs block-major |")
