@@ -46,22 +46,22 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
+def one_run(make_stream, dev):
+    """(total time, time to the first block) of consuming one block stream."""
+    _sync(dev)
+    t0, first = time.perf_counter(), None
+    for _ in make_stream():
+        if first is None:
+            _sync(dev)
+            first = time.perf_counter() - t0
+    _sync(dev)
+    return time.perf_counter() - t0, first
+
+
 def stream_timed(make_stream, dev, repeats: int):
     """Best-of-`repeats` (total time, time to the first block) of consuming a block stream."""
-    best = None
     list(make_stream())                                                  # warm-up
-    for _ in range(repeats):
-        _sync(dev)
-        t0, first = time.perf_counter(), None
-        for x in make_stream():
-            if first is None:
-                _sync(dev)
-                first = time.perf_counter() - t0
-        _sync(dev)
-        total = time.perf_counter() - t0
-        if best is None or total < best[0]:
-            best = (total, first)
-    return best
+    return min(one_run(make_stream, dev) for _ in range(repeats))
 
 
 def throughput(args, cfg, dev):
@@ -252,18 +252,6 @@ def train_step(args, cfg, dev):
                 best[name] = min(best.get(name, 1e9), (time.perf_counter() - t) / 3)
         print(f"| {B} | {1000 * best['before']:.0f} | {1000 * best['now']:.0f} | "
               f"{best['before'] / best['now']:.2f}x | {diff:.1e} |", flush=True)
-
-
-def one_run(make_stream, dev):
-    """(total time, time to the first block) of consuming one block stream."""
-    _sync(dev)
-    t0, first = time.perf_counter(), None
-    for _ in make_stream():
-        if first is None:
-            _sync(dev)
-            first = time.perf_counter() - t0
-    _sync(dev)
-    return time.perf_counter() - t0, first
 
 
 def one_device(args, cfg, dev):
