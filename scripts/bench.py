@@ -1,6 +1,6 @@
 """Sampler speed and memory, as ratios measured in one run on this machine (asserts nothing).
 
-    python scripts/bench.py                    # ~5 min on the 2-core CPU
+    python scripts/bench.py                    # every part, ~10 min on the 2-core CPU
     python scripts/bench.py --only stream      # just the long-video table (per-frame time, RSS)
     python scripts/bench.py --only train       # a training step, this model vs main's (~1 min)
     python scripts/bench.py --only onedevice   # the one-device samplers at batch 1 and 8 (~2 min)
