@@ -520,8 +520,7 @@ def pipelined(model: VideoDiT, noise: Noise, frames: int, label=None, context_t:
 
     def stage(s):                                      # stream s: its steps on every block
         try:
-            if threads_per_stream:
-                torch.set_num_threads(threads_per_stream)
+            torch.set_num_threads(threads_per_stream or torch.get_num_threads())   # None: as is
             own = torch.cuda.stream(torch.cuda.Stream(noise.device)) if cuda else None
             inputs = (noise(0, n) if s == 0 else take(pipes[s]) for n in range(N))
             with torch.no_grad(), own or contextlib.nullcontext():
