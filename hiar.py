@@ -197,8 +197,8 @@ def rope(x, pos, base: float = 100.0):
 
 
 class KVCache:
-    """Keys (before RoPE), values per layer of the context, in order up to the next block: the
-    newest of at most `max_frames` (a rolling window), the first `sink` (StreamingLLM) before."""
+    """Keys (before RoPE), values per layer of the frames just before the next block, in order:
+    the newest `max_frames` (a rolling window) after the first `sink` (StreamingLLM)."""
 
     def __init__(self, depth: int, max_frames: int, tokens_per_frame: int, sink: int = 0):
         self.k, self.v = [None] * depth, [None] * depth    # per layer (B, h, L, d)
@@ -241,8 +241,8 @@ class DiTBlock(nn.Module):
     def forward(self, x, c, parts, cache: KVCache | None, layer: int):
         # x (B, T, P, D) tokens; c (B, T, D) the condition of each frame; parts: VideoDiT.forward
         B, T, P, D = x.shape
-        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,      # (B, T, 1, D) each: once a
-         gate_mlp) = per_clip(self.adaLN_modulation, c, parts)[:, :, None].chunk(6, -1)  # frame
+        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = per_clip(
+            self.adaLN_modulation, c, parts)[:, :, None].chunk(6, -1)   # (B, T, 1, D): a frame's
         qkv = self.qkv(modulate(self.norm1(x), shift_msa, scale_msa))            # (B, T, P, 3D)
         q, k, v = qkv.view(B, T * P, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, h, L, d)
         att = []
@@ -307,9 +307,9 @@ class VideoDiT(nn.Module):
         parts, spans = [], [(0, w, n, True)] * (w > 0) + [(w, T, after, False)] * (w < T)
         for a, z, n, write in spans:          # frames a:z with n context frames, written first
             pos = torch.arange(-n, z - a, device=x.device).repeat_interleave(P)     # (L_k,)
-            k = frame0 + a + pos           # block-causal: a query frame sees the blocks <= its own
-            q = (k[n * P:, None] // cfg.block + 1) * cfg.block     # within `window` frames to q
-            mask = (k < q) & (k >= q - cfg.window_frames) if causal else None    # (L_q, L_k)
+            k = frame0 + a + pos              # key frames; block-causal: a query frame sees those
+            q = (k[n * P:, None] // cfg.block + 1) * cfg.block      # before its block's end q,
+            mask = (k < q) & (k >= q - cfg.window_frames) if causal else None  # within the window
             parts.append((a, z, pos, mask, write))
         e = timestep_embedding(frame_sigma(sigma, B, T, x.device), cfg.dim)        # (B, T, D)
         c = per_clip(self.t_mlp[2], F.silu(per_clip(self.t_mlp[0], e, parts)), parts)  # t_mlp(e)
@@ -463,8 +463,8 @@ def step_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t
     inputs = iter(inputs) if inputs is not None else (noise(0, n) for n in range(N))
     for n in range(N):
         x = next(inputs)                                             # block n at σ_{steps[0]}
-        for j in steps:        # t_j: the cell's pass is block n's write (same input and cache)
-            own = context_t == "current" and n + 1 < N and not (grad and j == J)  # (cache_grad)
+        for j in steps:    # t_j: the cell's own pass writes block n (the same input and cache)
+            own = context_t == "current" and n + 1 < N and not (grad and j == J)  # grad: write
             with torch.set_grad_enabled(grad and j == J):
                 v_hat = (fused_pass(model, cache[j], *held[j], x, σ[j], n, label) if j in held else
                          model(x, σ[j], label, frame0=n * b, cache=cache[j], write_frames=b * own))
@@ -481,10 +481,9 @@ def step_major(model: VideoDiT, noise: Noise, frames: int, label=None, context_t
         yield x0_hat if steps[-1] == J else x
 
 # ==== 8. The wavefront: a pipeline of threads, or a batched pass per anti-diagonal ===============
-# Cells on one anti-diagonal n + j are independent, so the steps run as a pipeline: stream s
-# owns a group of steps (a KV cache each) and runs block n in time slot n + s, then hands it on;
-# N blocks take N + S − 1 slots instead of N·S (across processes: sample.distributed). On one
-# device the cells of a diagonal run as one batched pass instead (Stream Batch, StreamDiffusion).
+# Cells on one anti-diagonal n + j are independent: in a pipeline, stream s owns a group of steps
+# (a KV cache each) and runs block n in slot n + s, N + S − 1 slots instead of N·S (processes:
+# sample.distributed); on one device a diagonal's cells run as one batched pass (Stream Batch).
 
 
 def step_groups(K: int, S: int) -> list[range]:
