@@ -19,7 +19,6 @@ The network predicts the velocity v = ε − x0, so x0_hat = x_σ − σ·v_hat.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import queue
 import threading
@@ -566,7 +565,7 @@ def wavefront(model: VideoDiT, noise: Noise, frames: int, label=None, context_t:
         for j in x:                               # the cells as far into their windows: a pass
             groups.setdefault((len(cache[j]), j in x_c), []).append(j)
         for js in groups.values():
-            n, R, c = d - js[0], len(js), copy.copy(cache[js[0]])     # their caches as one
+            n, R, c = d - js[0], len(js), model.new_cache(sink)          # their caches as one
             c.k = [t[0] if R == 1 else torch.cat(t) for t in zip(*(cache[j].k for j in js))]
             c.v = [t[0] if R == 1 else torch.cat(t) for t in zip(*(cache[j].v for j in js))]
             rows = lambda a: torch.cat([a[j] for j in js])                # noqa: E731 (R·B, …)
