@@ -1,6 +1,6 @@
 """Execute the notebooks top to bottom and save them with their outputs (figures included).
 
-    python scripts/run_notebooks.py                  # all four, ~12 min on the 2-core CPU
+    python scripts/run_notebooks.py                  # all four, ~7 min on the 2-core CPU
     python scripts/run_notebooks.py drift            # one
 
 Needs the notebook extra: pip install -r requirements-notebooks.txt
