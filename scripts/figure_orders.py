@@ -35,8 +35,9 @@ def record_cells(sampler, cfg: hiar.Config, frames: int, **kw) -> list[dict]:
     cells, forward = [], model.forward
 
     def level(s, i):                    # σ of frame i of a pass (a float or a per-frame tensor)
-        return float(s) if not torch.is_tensor(s) or s.dim() == 0 else float(s.reshape(-1, s.shape
-                                                                                 [-1])[0, i])
+        if not torch.is_tensor(s) or s.dim() == 0:
+            return float(s)
+        return float(s.reshape(-1, s.shape[-1])[0, i])              # video 0's frame i
 
     def spy(x, sigma, label=None, frame0=0, cache=None, write_frames=0, **k):
         b, T = cfg.block, x.shape[1]
